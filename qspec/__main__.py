@@ -1,0 +1,5 @@
+import sys
+
+from qspec.cli import main
+
+sys.exit(main())
