@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 run: install
-	$(VENV)/bin/qspec check examples/*.qspec examples/*/*.qspec
-	$(VENV)/bin/qspec fmt --check examples/*.qspec examples/*/*.qspec
+	$(VENV)/bin/qspec check examples/*/*.qspec
+	$(VENV)/bin/qspec fmt --check examples/*/*.qspec
 
 test: install
 	$(VENV)/bin/pytest -n 2

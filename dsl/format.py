@@ -135,7 +135,11 @@ def render_setting(setting: ir.Setting, indent: int) -> list[str]:
         if len(line) <= WIDTH:
             return [line]
         inner = pad + INDENT
-        return [pad + "weight choose [", *(f"{inner}{i}," for i in items), pad + _words("]", options)]
+        return [
+            pad + "weight choose [",
+            *(f"{inner}{i}," for i in items),
+            pad + _words("]", options),
+        ]
     return [pad + _render_simple_setting(setting)]
 
 

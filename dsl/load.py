@@ -42,7 +42,9 @@ def read_source(path: str) -> tuple[str | None, Diagnostic | None]:
     try:
         data = Path(path).read_bytes()
     except OSError as error:
-        return None, Diagnostic("error", f"cannot read file: {error.strerror}", ir.Span(path, 0, 0, 0, 0))
+        return None, Diagnostic(
+            "error", f"cannot read file: {error.strerror}", ir.Span(path, 0, 0, 0, 0)
+        )
     try:
         return data.decode("utf-8"), None
     except UnicodeDecodeError as error:
@@ -105,7 +107,9 @@ class _Loader:
                 statements.append(statement)
         return statements
 
-    def include(self, parent: str, include: ir.Include, stack: tuple[str, ...]) -> list[ir.Statement]:
+    def include(
+        self, parent: str, include: ir.Include, stack: tuple[str, ...]
+    ) -> list[ir.Statement]:
         target = os.path.normpath(os.path.join(os.path.dirname(parent), include.path.text))
         if target in stack:
             chain = " -> ".join([*stack[stack.index(target) :], target])
@@ -140,7 +144,9 @@ class _Loader:
         for extra in versions[1:]:
             self.error("the version is declared twice", extra.span)
 
-    def error(self, message: str, span: ir.Span, expected: str | None = None, help: str | None = None):
+    def error(
+        self, message: str, span: ir.Span, expected: str | None = None, help: str | None = None
+    ):
         self.diagnostics.append(Diagnostic("error", message, span, expected, help))
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from lark import Lark, Token, Transformer, UnexpectedCharacters, UnexpectedInput, v_args
-from lark.exceptions import UnexpectedEOF, UnexpectedToken, VisitError
+from lark.exceptions import UnexpectedEOF, VisitError
 from lark.lexer import PatternStr
 
 from qspec.dsl import ir, vocabulary
@@ -58,17 +58,17 @@ def parse_document(text: str, path: str) -> tuple[ir.Document | None, list[Diagn
     try:
         statements, comments, diagnostics = _parse_piece(text, path, 0)
     except UnexpectedInput:
-        return None, _recover(text, path)
+        return None, sorted(_recover(text, path), key=lambda d: d.span)
     if any(d.severity == "error" for d in diagnostics):
         return None, diagnostics
     return ir.Document(path, tuple(statements), tuple(comments)), diagnostics
 
 
 def _parse_piece(
-    text: str, path: str, line_offset: int
+    text: str, path: str, line_offset: int, on_error=None
 ) -> tuple[list[ir.Statement], list[ir.Comment], list[Diagnostic]]:
     _comments.tokens = []
-    tree = _lark().parse(text)
+    tree = _lark().parse(text, on_error=on_error)
     to_ir = ToIR(path, line_offset)
     try:
         statements = to_ir.transform(tree)
@@ -78,13 +78,38 @@ def _parse_piece(
     return statements, comments, to_ir.diagnostics
 
 
+class _SkipBadTokens:
+    """Lark error handler: report an unexpected token, drop it and go on.
+
+    Tokens dropped right after a reported one (only whitespace between them) are the same
+    mistake and are not reported again.
+    """
+
+    def __init__(self, text: str, path: str, line_offset: int):
+        self.text, self.path, self.line_offset = text, path, line_offset
+        self.diagnostics: list[Diagnostic] = []
+        self.last_end = -1
+
+    def __call__(self, error: UnexpectedInput) -> bool:
+        token = getattr(error, "token", None)
+        if token is None or token.type == "$END":
+            return False
+        follows = self.last_end >= 0 and not self.text[self.last_end : token.start_pos].strip()
+        if not follows:
+            self.diagnostics.append(
+                _syntax_diagnostic(error, self.text, self.path, self.line_offset)
+            )
+        self.last_end = token.end_pos
+        return True
+
+
 _STATEMENT_START = re.compile(
     r"^[ \t]*(?:" + "|".join(vocabulary.TOP_LEVEL_KEYWORDS) + r")\b", re.MULTILINE
 )
 
 
 def _recover(text: str, path: str) -> list[Diagnostic]:
-    """Parse each top-level statement alone; one diagnostic per broken statement."""
+    """Parse each top-level statement alone, skipping bad tokens, and report what went wrong."""
     starts = [m.start() for m in _STATEMENT_START.finditer(text)]
     if not starts or starts[0] != 0:
         starts.insert(0, 0)
@@ -92,10 +117,14 @@ def _recover(text: str, path: str) -> list[Diagnostic]:
     for begin, end in zip(starts, [*starts[1:], len(text)], strict=True):
         piece = text[begin:end]
         line_offset = text.count("\n", 0, begin)
+        skipper = _SkipBadTokens(piece, path, line_offset)
         try:
-            diagnostics += _parse_piece(piece, path, line_offset)[2]
+            found = _parse_piece(piece, path, line_offset, on_error=skipper)[2]
         except UnexpectedInput as error:
-            diagnostics.append(_syntax_diagnostic(error, piece, path, line_offset))
+            found = []
+            if not (skipper.diagnostics and _at_end(error)):  # else: fallout of the first error
+                found.append(_syntax_diagnostic(error, piece, path, line_offset))
+        diagnostics += skipper.diagnostics + found
     return diagnostics
 
 
@@ -163,7 +192,7 @@ def _syntax_diagnostic(error: UnexpectedInput, text: str, path: str, offset: int
             return Diagnostic("error", "numbers here cannot be negative", span, expected)
         return Diagnostic("error", f"unexpected character {char!r}", span, expected)
 
-    names = set(error.expected) if isinstance(error, UnexpectedToken | UnexpectedEOF) else set()
+    names = _acceptable(error)
     expected = _expected(names, previous)
     token = getattr(error, "token", None)
     if token is None or token.type == "$END":
@@ -197,6 +226,19 @@ def _syntax_diagnostic(error: UnexpectedInput, text: str, path: str, offset: int
             choices = list(_NAME_AFTER[previous].spellings)
         help_text = did_you_mean(str(token), choices)
     return Diagnostic("error", f"unexpected {_describe(token)}", span, expected, help_text)
+
+
+def _at_end(error: UnexpectedInput) -> bool:
+    token = getattr(error, "token", None)
+    return isinstance(error, UnexpectedEOF) or (token is not None and token.type == "$END")
+
+
+def _acceptable(error: UnexpectedInput) -> set[str]:
+    """Terminals the parser would really accept here (LALR lookahead sets are too generous)."""
+    interactive = getattr(error, "interactive_parser", None)
+    if interactive is not None:
+        return set(interactive.accepts())
+    return set(getattr(error, "expected", ()))
 
 
 def _describe(token: Token) -> str:

@@ -110,8 +110,9 @@ class Checker:
                 f"{backend} cannot compile for device '{device}'",
                 target.device.span,
                 " or ".join(devices),
-                help=did_you_mean(device, devices)
-                or ("tvm calls the host CPU 'llvm'" if backend == "tvm" else None),
+                help="tvm calls the host CPU 'llvm'"
+                if (backend, device) == ("tvm", "cpu")
+                else did_you_mean(device, devices),
             )
         if target.arch:
             if device != "cuda":
