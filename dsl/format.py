@@ -266,7 +266,8 @@ class _Printer:
             self.lines.append(pad + header + "}" + self.trailing(span.end_line))
             self.last_line = span.end_line
             return
-        self.lines.append(pad + header + self.trailing(span.line))
+        shares_line = children[0].span.line == span.line if children else False
+        self.lines.append(pad + header + ("" if shares_line else self.trailing(span.line)))
         self.last_line = span.line
         for child in children:
             self.node(child, indent + 1)

@@ -8,16 +8,17 @@ that any later stage (validation, resolution, backends) can point at them in a d
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 
-@dataclass(frozen=True, order=True)
-class Span:
+class Span(NamedTuple):
+    """Where a node was written: 1-based line and column, end column exclusive."""
+
     file: str
     line: int
     column: int
     end_line: int
-    end_column: int  # exclusive
+    end_column: int
 
     def __str__(self) -> str:
         if self.line < 1:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from qspec.dsl import ir
 from qspec.dsl.diagnostics import Diagnostic, Note, SpecError
-from qspec.dsl.parser import parse_document
+from qspec.dsl.parser import gc_paused, parse_document
 from qspec.dsl.validate import LANGUAGE_VERSION, check
 
 SINGLETONS = {
@@ -63,11 +63,12 @@ def check_file(path: str | os.PathLike[str], text: str | None = None) -> Checked
     """Parse and validate a spec and everything it includes; never raises on user mistakes."""
     loader = _Loader()
     root = os.fspath(path)
-    statements = loader.document(root, text, stack=())
-    if loader.failed:
-        return Checked(None, loader.diagnostics, loader.sources)
-    spec = _merge(root, statements, tuple(loader.sources), loader.diagnostics)
-    loader.diagnostics += check(spec)
+    with gc_paused():
+        statements = loader.document(root, text, stack=())
+        if loader.failed:
+            return Checked(None, loader.diagnostics, loader.sources)
+        spec = _merge(root, statements, tuple(loader.sources), loader.diagnostics)
+        loader.diagnostics += check(spec)
     return Checked(spec, loader.diagnostics, loader.sources)
 
 

@@ -7,14 +7,17 @@ own, so one run reports an error per broken statement and checks the words of th
 
 from __future__ import annotations
 
+import gc
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-from lark import Lark, Token, Transformer, UnexpectedCharacters, UnexpectedInput, v_args
-from lark.exceptions import UnexpectedEOF, VisitError
-from lark.lexer import PatternStr
+from lark import Lark, Token, Tree, UnexpectedCharacters, UnexpectedInput
+from lark.exceptions import UnexpectedEOF
+from lark.lexer import Lexer, PatternStr
 
 from qspec.dsl import ir, vocabulary
 from qspec.dsl.diagnostics import Diagnostic, Note, did_you_mean, some_of
@@ -23,18 +26,87 @@ from qspec.dsl.vocabulary import Vocabulary
 GRAMMAR = Path(__file__).with_name("qspec.lark")
 
 
-class _CommentSink:
-    """Lexer callback target: comments are not in the tree, the formatter needs them."""
+_TOKEN = re.compile(
+    r"""(?P<WS>[ \t\f\r\n]+)
+      | (?P<COMMENT>\#[^\n]*)
+      | (?P<REGEX>re"(?:[^"\\\n]|\\.)*")
+      | (?P<STRING>"(?:[^"\\\n]|\\.)*")
+      | (?P<NAME>[A-Za-z_][A-Za-z0-9_]*)
+      | (?P<NUMBER>[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?)
+      | (?P<PUNCT><=|[{}\[\],:%])""",
+    re.VERBOSE,
+)
 
-    def __init__(self) -> None:
-        self.tokens: list[Token] = []
 
-    def __call__(self, token: Token) -> Token:
-        self.tokens.append(token)
-        return token
+class _Lexer(Lexer):
+    """One master regex instead of Lark's lexer: the language is small, specs can be large.
+
+    A keyword is lexed as a NAME where the parser cannot take the keyword but takes a NAME
+    (`fitness evaluate`), which is what Lark's contextual lexer would do. Comments go to
+    `self.comments` for the formatter.
+    """
+
+    __future_interface__ = 2
+
+    def __init__(self, conf: Any):
+        self.keywords = {
+            t.pattern.value: t.name for t in conf.terminals if isinstance(t.pattern, PatternStr)
+        }
+        self.comments: list[Token] = []
+
+    def lex(self, state: Any, parser_state: Any) -> Iterator[Token]:
+        text: str = state.text.text
+        counter = state.line_ctr
+        states = parser_state.parse_conf.parse_table.states
+        keywords = self.keywords
+        pos, line, line_start = counter.char_pos, counter.line, counter.line_start_pos
+        while pos < len(text):
+            match = _TOKEN.match(text, pos)
+            if match is None:
+                acceptable = set(states[parser_state.position])
+                raise UnexpectedCharacters(
+                    text, pos, line, pos - line_start + 1, allowed=acceptable, state=parser_state
+                )
+            kind, value, end = match.lastgroup, match.group(), match.end()
+            column = pos - line_start + 1
+            if kind == "WS":
+                newlines = value.count("\n")
+                if newlines:
+                    line += newlines
+                    line_start = pos + value.rindex("\n") + 1
+            else:
+                if kind == "NAME" or kind == "PUNCT":
+                    keyword = keywords.get(value)
+                    actions = states[parser_state.position]
+                    if kind == "PUNCT" or (
+                        keyword and (keyword in actions or "NAME" not in actions)
+                    ):
+                        kind = keyword or kind
+                token = Token(kind, value, pos, line, column, line, column + len(value), end)
+            counter.char_pos, counter.line, counter.line_start_pos = end, line, line_start
+            counter.column = end - line_start + 1
+            pos = end
+            if kind == "COMMENT":
+                self.comments.append(token)
+            elif kind != "WS":
+                yield token
 
 
-_comments = _CommentSink()
+class _Reduce:
+    """Lark's embedded-transformer hook: each rule reduces straight to IR, no parse tree.
+
+    Rules named `_x` are inlined by Lark into their parent, so they stay trees.
+    """
+
+    to_ir: ToIR
+
+    def __default__(self, data: str, children: list, meta: Any) -> Any:
+        if data.startswith("_"):
+            return Tree(data, children)
+        return self.to_ir.reduce(data, children)
+
+
+_reduce = _Reduce()
 
 
 @cache
@@ -42,8 +114,10 @@ def _lark() -> Lark:
     return Lark(
         GRAMMAR.read_text(),
         parser="lalr",
-        propagate_positions=True,
-        lexer_callbacks={"COMMENT": _comments},
+        lexer=_Lexer,
+        keep_all_tokens=True,
+        transformer=_reduce,
+        cache=True,
     )
 
 
@@ -53,8 +127,26 @@ def _keywords() -> dict[str, str]:
     return {t.name: t.pattern.value for t in _lark().terminals if isinstance(t.pattern, PatternStr)}
 
 
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Parsing allocates many small objects that are never cyclic garbage; without this pause
+    Python's collector rescans the growing tree again and again and doubles the parse time."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def parse_document(text: str, path: str) -> tuple[ir.Document | None, list[Diagnostic]]:
     """Parse one file. Returns the document (None on syntax errors) and every diagnostic."""
+    with gc_paused():
+        return _parse_document(text, path)
+
+
+def _parse_document(text: str, path: str) -> tuple[ir.Document | None, list[Diagnostic]]:
     try:
         statements, comments, diagnostics = _parse_piece(text, path, 0)
     except UnexpectedInput:
@@ -67,14 +159,12 @@ def parse_document(text: str, path: str) -> tuple[ir.Document | None, list[Diagn
 def _parse_piece(
     text: str, path: str, line_offset: int, on_error=None
 ) -> tuple[list[ir.Statement], list[ir.Comment], list[Diagnostic]]:
-    _comments.tokens = []
-    tree = _lark().parse(text, on_error=on_error)
-    to_ir = ToIR(path, line_offset)
-    try:
-        statements = to_ir.transform(tree)
-    except VisitError as error:  # a bug in ToIR, not in the user's file
-        raise error.orig_exc from error
-    comments = [ir.Comment(str(t), to_ir.token_span(t)) for t in _comments.tokens]
+    lark = _lark()
+    lexer = lark.parser.lexer
+    lexer.comments = []
+    to_ir = _reduce.to_ir = ToIR(path, line_offset)
+    statements, _ = lark.parse(text, on_error=on_error)
+    comments = [ir.Comment(str(t), to_ir.token_span(t)) for t in lexer.comments]
     return statements, comments, to_ir.diagnostics
 
 
@@ -137,25 +227,30 @@ _TOKEN_WORDS = {
     "REGEX": 'a regex such as re"layer\\.[0-3]\\..*"',
 }
 
-# Families of keywords that are named as one phrase when a parser state expects all of them.
-_FAMILIES = (
+# Families of keywords named as one phrase when a parser state expects all of the required
+# ones; the phrase also covers the absorbed words.
+_FAMILIES: tuple[tuple[frozenset[str], frozenset[str], str], ...] = (
     (
         frozenset(vocabulary.TOP_LEVEL_KEYWORDS),
+        frozenset(),
         "a statement (" + ", ".join(vocabulary.TOP_LEVEL_KEYWORDS) + ")",
     ),
     (
         frozenset({"weight", "activation", "sparsity", "compensate", "keep"}),
+        frozenset(),
         "a setting (weight, activation, sparsity, compensate, keep)",
     ),
     (
         frozenset({"tensor", "channel", "group", "symmetric", "asymmetric", "scale", "round"}),
+        frozenset({"search", "token"}),
         "a weight option (tensor, channel, group N, symmetric, asymmetric, scale, round, search)",
     ),
     (
         frozenset({"device", "arch", "mcpu", "opset", "tune"}),
+        frozenset(),
         "a target option (device, arch, mcpu, opset, tune trials N)",
     ),
-    (frozenset({"lora", "bias", "none"}), "lora, bias or none"),
+    (frozenset({"lora", "bias", "none"}), frozenset(), "lora, bias or none"),
 )
 
 # What a NAME stands for, keyed by the keyword before it.
@@ -206,8 +301,7 @@ def _syntax_diagnostic(error: UnexpectedInput, text: str, path: str, offset: int
                 "error",
                 "this '{' is never closed",
                 span,
-                expected,
-                help="add '}' after the last line of the block",
+                help="add '}' after the block's last line",
             )
         return Diagnostic("error", "unexpected end of file", span, expected)
 
@@ -257,12 +351,10 @@ def _expected(names: set[str], previous: str | None) -> str:
     keywords = _keywords()
     literals = {keywords[n] for n in names if n in keywords}
     parts: list[str] = []
-    for family, phrase in _FAMILIES:
-        if family <= literals:
+    for required, absorbed, phrase in _FAMILIES:
+        if required <= literals:
             parts.append(phrase)
-            literals -= family
-            if "search" in phrase:
-                literals.discard("search")
+            literals -= required | absorbed
     parts += [f"'{word}'" for word in sorted(literals, key=_keyword_order)]
     for name in ("NAME", "NUMBER", "STRING", "REGEX"):
         if name in names:
@@ -306,25 +398,43 @@ def _unquote(token: str) -> str:
     return re.sub(r"\\([\\\"])", r"\1", token[1:-1])
 
 
-@v_args(meta=True)
-class ToIR(Transformer):
-    """The one Transformer from Lark's tree to IR, checking every enumerated word on the way."""
+_VALUE_TOKENS = frozenset({"NAME", "NUMBER", "STRING", "REGEX"})
+
+
+class ToIR:
+    """The one transformer from Lark's tree to IR, checking every enumerated word on the way.
+
+    Each rule method gets the span of everything the rule matched and the values of its
+    children: IR nodes, or the NAME/NUMBER/STRING/REGEX tokens (keywords are dropped).
+    Lark calls `reduce` as it parses, through `_Reduce`.
+    """
 
     def __init__(self, path: str, line_offset: int = 0):
-        super().__init__()
         self.path = path
         self.line_offset = line_offset
         self.diagnostics: list[Diagnostic] = []
 
-    # -- helpers --
+    def reduce(self, rule: str, children: list) -> tuple[Any, ir.Span | None]:
+        """Build the IR of one rule from its children: tokens, or (value, span) of sub-rules."""
+        values: list[Any] = []
+        first = last = None
+        for child in children:
+            if isinstance(child, Token):
+                span = self.token_span(child)
+                if child.type in _VALUE_TOKENS:
+                    values.append(child)
+            else:
+                value, span = child
+                values.append(value)
+            if span is not None:
+                first = first or span
+                last = span
+        span = None
+        if first is not None and last is not None:
+            span = ir.Span(self.path, first.line, first.column, last.end_line, last.end_column)
+        return getattr(self, rule)(span or ir.NOWHERE, values), span
 
-    def span(self, meta: Any) -> ir.Span:
-        if getattr(meta, "empty", True):
-            return ir.NOWHERE
-        off = self.line_offset
-        return ir.Span(
-            self.path, meta.line + off, meta.column, meta.end_line + off, meta.end_column
-        )
+    # -- helpers --
 
     def token_span(self, token: Token) -> ir.Span:
         off = self.line_offset
@@ -387,47 +497,47 @@ class ToIR(Transformer):
 
     # -- top level --
 
-    def start(self, meta, children):
+    def start(self, span, children):
         return list(children)
 
-    def version(self, meta, children):
-        return ir.Version(self.num(children[0]), self.span(meta))
+    def version(self, span, children):
+        return ir.Version(self.num(children[0]), span)
 
-    def include(self, meta, children):
-        return ir.Include(self.string(children[0]), self.span(meta))
+    def include(self, span, children):
+        return ir.Include(self.string(children[0]), span)
 
-    def python_entry(self, meta, children):
+    def python_entry(self, span, children):
         return "python"
 
-    def hf_folder(self, meta, children):
+    def hf_folder(self, span, children):
         return "hf"
 
-    def exported_program(self, meta, children):
+    def exported_program(self, span, children):
         return "exported"
 
-    def model(self, meta, children):
+    def model(self, span, children):
         kind, path = children
-        return ir.ModelSource(kind, self.string(path), self.span(meta))
+        return ir.ModelSource(kind, self.string(path), span)
 
-    def calibration(self, meta, children):
+    def calibration(self, span, children):
         source, *items = children
         opts = self.options(items, ("samples", "holdout", "mode"))
-        return ir.Calibration(self.string(source), **opts, span=self.span(meta))
+        return ir.Calibration(self.string(source), **opts, span=span)
 
-    def samples(self, meta, children):
-        return ("samples", self.num(children[0]), self.span(meta))
+    def samples(self, span, children):
+        return ("samples", self.num(children[0]), span)
 
-    def holdout(self, meta, children):
-        return ("holdout", self.num(children[0]), self.span(meta))
+    def holdout(self, span, children):
+        return ("holdout", self.num(children[0]), span)
 
-    def mode(self, meta, children):
+    def mode(self, span, children):
         word = self.word(children[0], vocabulary.CALIBRATION_MODE, "calibration mode")
-        return ("mode", word, self.span(meta))
+        return ("mode", word, span)
 
-    def evaluate(self, meta, children):
-        return ir.Evaluate(self.string(children[0]), self.span(meta))
+    def evaluate(self, span, children):
+        return ir.Evaluate(self.string(children[0]), span)
 
-    def target(self, meta, children):
+    def target(self, span, children):
         backend, *rest = children
         alias = None
         items: list = []
@@ -438,61 +548,61 @@ class ToIR(Transformer):
                 items = child
         opts = self.options(items, ("device", "arch", "mcpu", "opset", "tune_trials"))
         backend_word = self.word(backend, vocabulary.BACKEND, "backend")
-        return ir.Target(backend_word, alias, **opts, span=self.span(meta))
+        return ir.Target(backend_word, alias, **opts, span=span)
 
-    def target_alias(self, meta, children):
+    def target_alias(self, span, children):
         return self.word(children[0])
 
-    def target_body(self, meta, children):
+    def target_body(self, span, children):
         return list(children)
 
-    def device(self, meta, children):
-        return ("device", self.word(children[0], vocabulary.ALL_DEVICES, "device"), self.span(meta))
+    def device(self, span, children):
+        return ("device", self.word(children[0], vocabulary.ALL_DEVICES, "device"), span)
 
-    def arch(self, meta, children):
-        return ("arch", self.word(children[0]), self.span(meta))
+    def arch(self, span, children):
+        return ("arch", self.word(children[0]), span)
 
-    def mcpu(self, meta, children):
-        return ("mcpu", self.word(children[0]), self.span(meta))
+    def mcpu(self, span, children):
+        return ("mcpu", self.word(children[0]), span)
 
-    def opset(self, meta, children):
-        return ("opset", self.num(children[0]), self.span(meta))
+    def opset(self, span, children):
+        return ("opset", self.num(children[0]), span)
 
-    def tune(self, meta, children):
-        return ("tune_trials", self.num(children[0]), self.span(meta))
+    def tune(self, span, children):
+        return ("tune_trials", self.num(children[0]), span)
 
-    def defaults(self, meta, children):
-        return ir.Defaults(tuple(children), self.span(meta))
+    def defaults(self, span, children):
+        return ir.Defaults(tuple(children), span)
 
-    def layer(self, meta, children):
+    def layer(self, span, children):
         pattern, *settings = children
-        return ir.LayerRule(pattern, tuple(settings), self.span(meta))
+        return ir.LayerRule(pattern, tuple(settings), span)
 
-    def tie(self, meta, children):
-        return ir.Tie(children[0], self.span(meta))
+    def tie(self, span, children):
+        return ir.Tie(children[0], span)
 
-    def glob(self, meta, children):
-        return ir.Pattern(_unquote(str(children[0])), False, self.span(meta))
+    def glob(self, span, children):
+        return ir.Pattern(_unquote(str(children[0])), False, span)
 
-    def regex(self, meta, children):
-        return ir.Pattern(str(children[0])[3:-1], True, self.span(meta))  # raw: `\"` is `"`
+    def regex(self, span, children):
+        return ir.Pattern(str(children[0])[3:-1], True, span)  # raw: `\"` is `"`
 
     # -- settings --
 
-    def keep(self, meta, children):
-        return ir.Keep(self.span(meta))
+    def keep(self, span, children):
+        return ir.Keep(span)
 
-    def weight(self, meta, children):
+    def weight(self, span, children):
         name, *items = children
         fmt = self.word(name, vocabulary.WEIGHT_FORMAT, "weight format")
-        return ir.Weight(fmt, self.weight_options(items), None, self.span(meta))
+        return ir.Weight(fmt, self.weight_options(items), None, span)
 
-    def weight_choose(self, meta, children):
+    def weight_choose(self, span, children):
         candidates = tuple(c for c in children if isinstance(c, ir.Candidate))
         items = [c for c in children if not isinstance(c, ir.Candidate)]
-        return ir.Weight(None, self.weight_options(items), candidates, self.span(meta))
+        return ir.Weight(None, self.weight_options(items), candidates, span)
 
-    def candidate(self, meta, children):
+    def candidate(self, span, children):
         name, *items = children
         fmt = self.word(name, vocabulary.WEIGHT_FORMAT, "weight format")
         extras = [i for i in items if isinstance(i, ir.Sparsity | ir.LowRank)]
@@ -504,160 +614,163 @@ class ToIR(Transformer):
             ir.WeightOptions(**{k: v for k, v in opts.items() if k in _WEIGHT_KEYS}),
             opts.get("sparsity"),
             opts.get("rank"),
-            self.span(meta),
+            span,
         )
 
-    def keep_candidate(self, meta, children):
-        return ir.Candidate(None, span=self.span(meta))
+    def keep_candidate(self, span, children):
+        return ir.Candidate(None, span=span)
 
     def weight_options(self, items: list) -> ir.WeightOptions:
         return ir.WeightOptions(**self.options(items, _WEIGHT_KEYS))
 
-    def tensor(self, meta, children):
-        return ("granularity", ir.Granularity("tensor", None, self.span(meta)), self.span(meta))
+    def tensor(self, span, children):
+        return ("granularity", ir.Granularity("tensor", None, span), span)
 
-    def channel(self, meta, children):
-        return ("granularity", ir.Granularity("channel", None, self.span(meta)), self.span(meta))
+    def channel(self, span, children):
+        return ("granularity", ir.Granularity("channel", None, span), span)
 
-    def token(self, meta, children):
-        return ("granularity", ir.Granularity("token", None, self.span(meta)), self.span(meta))
+    def token(self, span, children):
+        return ("granularity", ir.Granularity("token", None, span), span)
 
-    def group(self, meta, children):
+    def group(self, span, children):
         size = self.num(children[0])
-        return ("granularity", ir.Granularity("group", size, self.span(meta)), self.span(meta))
+        return ("granularity", ir.Granularity("group", size, span), span)
 
-    def symmetric(self, meta, children):
-        return ("symmetric", ir.Flag(True, self.span(meta)), self.span(meta))
+    def symmetric(self, span, children):
+        return ("symmetric", ir.Flag(True, span), span)
 
-    def asymmetric(self, meta, children):
-        return ("symmetric", ir.Flag(False, self.span(meta)), self.span(meta))
+    def asymmetric(self, span, children):
+        return ("symmetric", ir.Flag(False, span), span)
 
-    def scale(self, meta, children):
+    def scale(self, span, children):
         word = self.word(children[0], vocabulary.SCALE_FORMAT, "scale format")
-        return ("scale", word, self.span(meta))
+        return ("scale", word, span)
 
-    def rounding(self, meta, children):
+    def rounding(self, span, children):
         method, *items = children
         opts = self.options(items, ("damp", "actorder"))
         word = self.word(method, vocabulary.ROUNDING, "rounding method")
-        return ("rounding", ir.Rounding(word, **opts, span=self.span(meta)), self.span(meta))
+        return ("rounding", ir.Rounding(word, **opts, span=span), span)
 
-    def damp(self, meta, children):
-        return ("damp", self.num(children[0], whole=False), self.span(meta))
+    def damp(self, span, children):
+        return ("damp", self.num(children[0], whole=False), span)
 
-    def actorder(self, meta, children):
-        return ("actorder", ir.Flag(True, self.span(meta)), self.span(meta))
+    def actorder(self, span, children):
+        return ("actorder", ir.Flag(True, span), span)
 
-    def search(self, meta, children):
+    def search(self, span, children):
         targets = tuple(self.word(t, vocabulary.SEARCH, "search target") for t in children)
         for i, target in enumerate(targets):
             if target in targets[:i]:
                 self.error(f"search target '{target.text}' given twice", target.span)
-        return ("search", ir.Search(targets, self.span(meta)), self.span(meta))
+        return ("search", ir.Search(targets, span), span)
 
-    def activation(self, meta, children):
+    def activation(self, span, children):
         name, *items = children
         fmt = self.word(name, vocabulary.ACTIVATION_FORMAT, "activation format")
         opts = self.options(items, ("granularity", "symmetric", "dynamic"))
-        return ir.Activation(fmt, **opts, span=self.span(meta))
+        return ir.Activation(fmt, **opts, span=span)
 
-    def activation_none(self, meta, children):
-        return ir.Activation(None, span=self.span(meta))
+    def activation_none(self, span, children):
+        return ir.Activation(None, span=span)
 
-    def static(self, meta, children):
-        return ("dynamic", ir.Flag(False, self.span(meta)), self.span(meta))
+    def static(self, span, children):
+        return ("dynamic", ir.Flag(False, span), span)
 
-    def dynamic(self, meta, children):
-        return ("dynamic", ir.Flag(True, self.span(meta)), self.span(meta))
+    def dynamic(self, span, children):
+        return ("dynamic", ir.Flag(True, span), span)
 
-    def sparsity(self, meta, children):
+    def sparsity(self, span, children):
         pattern, *method = children
         word = (
             self.word(method[0], vocabulary.SPARSITY_METHOD, "sparsity method") if method else None
         )
-        return ir.Sparsity(pattern, word, self.span(meta))
+        return ir.Sparsity(pattern, word, span)
 
-    def sparsity_none(self, meta, children):
-        return ir.Sparsity(None, span=self.span(meta))
+    def sparsity_none(self, span, children):
+        return ir.Sparsity(None, span=span)
 
-    def n_of_m(self, meta, children):
-        return ir.NofM(self.num(children[0]), self.num(children[1]), self.span(meta))
+    def sparsity_method(self, span, children):
+        return children[0]
 
-    def percent(self, meta, children):
-        return ir.Ratio(self.num(children[0], whole=False), True, self.span(meta))
+    def n_of_m(self, span, children):
+        return ir.NofM(self.num(children[0]), self.num(children[1]), span)
 
-    def ratio(self, meta, children):
-        return ir.Ratio(self.num(children[0], whole=False), False, self.span(meta))
+    def percent(self, span, children):
+        return ir.Ratio(self.num(children[0], whole=False), True, span)
 
-    def lowrank(self, meta, children):
+    def ratio(self, span, children):
+        return ir.Ratio(self.num(children[0], whole=False), False, span)
+
+    def lowrank(self, span, children):
         rank, *items = children
         opts = self.options(items, ("method", "finetune_steps", "factors"))
-        return ir.LowRank(self.num(rank), **opts, span=self.span(meta))
+        return ir.LowRank(self.num(rank), **opts, span=span)
 
-    def lowrank_method(self, meta, children):
+    def lowrank_method(self, span, children):
         word = self.word(children[0], vocabulary.LOWRANK_METHOD, "low-rank method")
-        return ("method", word, self.span(meta))
+        return ("method", word, span)
 
-    def finetune(self, meta, children):
-        return ("finetune_steps", self.num(children[0]), self.span(meta))
+    def finetune(self, span, children):
+        return ("finetune_steps", self.num(children[0]), span)
 
-    def factors(self, meta, children):
+    def factors(self, span, children):
         word = self.word(children[0], vocabulary.FACTOR_FORMAT, "factor format")
-        return ("factors", word, self.span(meta))
+        return ("factors", word, span)
 
-    def bias_correction(self, meta, children):
-        return ir.BiasCorrection(self.span(meta))
+    def bias_correction(self, span, children):
+        return ir.BiasCorrection(span)
 
-    def compensate_none(self, meta, children):
-        return ir.CompensateNone(self.span(meta))
+    def compensate_none(self, span, children):
+        return ir.CompensateNone(span)
 
     # -- budgets and allocation --
 
-    def budget(self, meta, children):
-        return ir.Budget(tuple(children), self.span(meta))
+    def budget(self, span, children):
+        return ir.Budget(tuple(children), span)
 
-    def _limit(self, metric: ir.Metric, meta, children) -> ir.Limit:
+    def _limit(self, metric: ir.Metric, span, children) -> ir.Limit:
         value, *rest = children
         unit = next((self.word(c) for c in rest if isinstance(c, Token)), None)
         target = next((c for c in rest if isinstance(c, ir.Word)), None)
-        return ir.Limit(metric, self.num(value, whole=False), unit, target, self.span(meta))
+        return ir.Limit(metric, self.num(value, whole=False), unit, target, span)
 
-    def weight_bits(self, meta, children):
-        return self._limit("weight_bits", meta, children)
+    def weight_bits(self, span, children):
+        return self._limit("weight_bits", span, children)
 
-    def size(self, meta, children):
-        return self._limit("size", meta, children)
+    def size(self, span, children):
+        return self._limit("size", span, children)
 
-    def bops(self, meta, children):
-        return self._limit("bops", meta, children)
+    def bops(self, span, children):
+        return self._limit("bops", span, children)
 
-    def latency(self, meta, children):
-        return self._limit("latency", meta, children)
+    def latency(self, span, children):
+        return self._limit("latency", span, children)
 
-    def limit_target(self, meta, children):
+    def limit_target(self, span, children):
         return self.word(children[0])
 
-    def allocate(self, meta, children):
+    def allocate(self, span, children):
         strategy, *items = children
         word = self.word(strategy, vocabulary.ALLOCATOR, "allocation strategy")
         opts = self.options(items, ("generations", "offspring", "seed", "fitness", "sensitivity"))
-        return ir.Allocate(word, **opts, span=self.span(meta))
+        return ir.Allocate(word, **opts, span=span)
 
-    def generations(self, meta, children):
-        return ("generations", self.num(children[0]), self.span(meta))
+    def generations(self, span, children):
+        return ("generations", self.num(children[0]), span)
 
-    def offspring(self, meta, children):
-        return ("offspring", self.num(children[0]), self.span(meta))
+    def offspring(self, span, children):
+        return ("offspring", self.num(children[0]), span)
 
-    def seed(self, meta, children):
-        return ("seed", self.num(children[0]), self.span(meta))
+    def seed(self, span, children):
+        return ("seed", self.num(children[0]), span)
 
-    def fitness(self, meta, children):
-        return ("fitness", self.word(children[0], vocabulary.FITNESS, "fitness"), self.span(meta))
+    def fitness(self, span, children):
+        return ("fitness", self.word(children[0], vocabulary.FITNESS, "fitness"), span)
 
-    def sensitivity(self, meta, children):
+    def sensitivity(self, span, children):
         word = self.word(children[0], vocabulary.SENSITIVITY, "sensitivity measure")
-        return ("sensitivity", word, self.span(meta))
+        return ("sensitivity", word, span)
 
 
 _WEIGHT_KEYS = ("granularity", "symmetric", "scale", "rounding", "search")

@@ -20,6 +20,14 @@ class PatternError(Exception):
     offset: int  # index into the pattern text
 
 
+def check_pattern(pattern: Pattern) -> None:
+    """Raise PatternError if the pattern is malformed (cheaper than compiling a glob)."""
+    if pattern.regex:
+        _compile(pattern.text, True)
+    else:
+        glob_to_regex(pattern.text)
+
+
 def compile_pattern(pattern: Pattern) -> re.Pattern[str]:
     """The regex a pattern stands for; raises PatternError pointing into the pattern."""
     return _compile(pattern.text, pattern.regex)

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from qspec.compiler.formats import weight_format
 from qspec.dsl import ir
 from qspec.dsl.diagnostics import Diagnostic, Note, did_you_mean
-from qspec.dsl.patterns import PatternError, compile_pattern
+from qspec.dsl.patterns import PatternError, check_pattern
 from qspec.dsl.vocabulary import DEVICES
 
 OPSETS = range(17, 26)
@@ -158,7 +158,7 @@ class Checker:
 
     def pattern(self, pattern: ir.Pattern) -> None:
         try:
-            compile_pattern(pattern)
+            check_pattern(pattern)
         except PatternError as error:
             start = pattern.span.column + (3 if pattern.regex else 1) + error.offset
             span = ir.Span(
@@ -292,7 +292,7 @@ class Checker:
                     f"group {group} is not a multiple of the sparsity block {m}",
                     granularity.span,
                     help=f"N:M blocks must not straddle quantization groups; "
-                    f"use group {max(m, group - group % m)}",
+                    f"use group {group + m - group % m}",
                 )
 
     def activation(self, activation: ir.Activation) -> None:
