@@ -36,9 +36,8 @@ def generate(rules: int) -> str:
         "defaults {\n  weight int8 channel\n}",
     ]
     for i in range(rules):
-        pattern = (
-            f'"model.layers.{i}.mlp.*"' if i % 2 else f're"model\\.layers\\.{i}\\.attn\\..*"'
-        )
+        glob, regex = f'"model.layers.{i}.mlp.*"', f're"model\\.layers\\.{i}\\.attn\\..*"'
+        pattern = glob if i % 2 else regex
         lines.append(f"# rule {i}\nlayer {pattern} {{\n  {SETTINGS[i % len(SETTINGS)]}\n}}")
     lines.append("budget {\n  weight bits <= 4.5\n  size <= 2 GB\n}\nallocate ilp")
     return "\n".join(lines) + "\n"
@@ -74,7 +73,8 @@ def main() -> None:
     lines = text.count("\n")
     report = (
         "# Parse benchmark\n\n"
-        f"Command: `.venv/bin/python bench/parse.py --rules {args.rules} --repeat {args.repeat}`\n\n"
+        f"Command: `.venv/bin/python bench/parse.py --rules {args.rules}"
+        f" --repeat {args.repeat}`\n\n"
         f"Spec: {args.rules} layer rules, {lines} lines, {len(text) / 1e3:.0f} kB.\n\n"
         "| stage | median wall s | median CPU s | rules per second |\n|---|---|---|---|\n"
         f"| parse (text to IR) | {times['parse']:.3f} | {times['parse cpu']:.3f} "

@@ -7,6 +7,7 @@ it ended; a comment inside a one-line construct moves just above it.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 
 from qspec.dsl import ir
@@ -50,6 +51,10 @@ def number(num: ir.Num) -> str:
         return str(value)
     text = repr(float(value))
     return text[:-2] if text.endswith(".0") else text
+
+
+def _name_or_string(text: str) -> str:
+    return text if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", text) else quote(text)
 
 
 def _words(*parts: str | None) -> str:
@@ -198,7 +203,7 @@ def render_line(statement: ir.Statement) -> str:
         body = _words(
             _opt("device", statement.device),
             _opt("arch", statement.arch),
-            _opt("mcpu", statement.mcpu),
+            statement.mcpu and "mcpu " + _name_or_string(statement.mcpu.text),
             _opt("opset", statement.opset),
             _opt("tune trials", statement.tune_trials),
         )
@@ -243,7 +248,8 @@ class _Printer:
         self.lines: list[str] = []
         self.last_line = 0  # source line of what was printed last
 
-    def node(self, node, indent: int) -> None:
+    def node(self, node, indent: int, closing_line: int = 0) -> None:
+        """Print a node; a comment on `closing_line` belongs to the enclosing block's '}'."""
         span = node.span
         self.comments_before(span.line, indent)
         self.gap(span.line)
@@ -256,7 +262,8 @@ class _Printer:
                 lines = [INDENT * indent + render_line(node)]
             else:
                 lines = render_setting(node, indent)
-            lines[-1] += self.trailing(span.end_line)
+            if span.end_line != closing_line:
+                lines[-1] += self.trailing(span.end_line)
             self.lines += lines
             self.last_line = span.end_line
             return
@@ -270,7 +277,7 @@ class _Printer:
         self.lines.append(pad + header + ("" if shares_line else self.trailing(span.line)))
         self.last_line = span.line
         for child in children:
-            self.node(child, indent + 1)
+            self.node(child, indent + 1, closing_line=span.end_line)
         self.comments_before(span.end_line, indent + 1)
         self.lines.append(pad + "}" + self.trailing(span.end_line))
         self.last_line = span.end_line

@@ -116,6 +116,8 @@ class _Loader:
             chain = " -> ".join([*stack[stack.index(target) :], target])
             self.error(f"include cycle: {chain}", include.path.span)
             return []
+        if target in self.sources:
+            return []  # included already: a file's statements count once, where first included
         if not os.path.isfile(target):
             self.error(
                 f"cannot find included file '{include.path.text}'",

@@ -283,8 +283,17 @@ def _syntax_diagnostic(error: UnexpectedInput, text: str, path: str, offset: int
                 span,
                 help="close the string with '\"' on the same line",
             )
-        if char == "-":
+        if char == "-" and text[error.pos_in_stream + 1 : error.pos_in_stream + 2].isdigit():
             return Diagnostic("error", "numbers here cannot be negative", span, expected)
+        if char == "-":
+            name = _word_around(text, error.pos_in_stream)
+            return Diagnostic(
+                "error",
+                "unexpected character '-'",
+                span,
+                expected,
+                help=f'a name with dashes must be quoted: "{name}"',
+            )
         return Diagnostic("error", f"unexpected character {char!r}", span, expected)
 
     names = _acceptable(error)
@@ -333,6 +342,16 @@ def _acceptable(error: UnexpectedInput) -> set[str]:
     if interactive is not None:
         return set(interactive.accepts())
     return set(getattr(error, "expected", ()))
+
+
+def _word_around(text: str, position: int) -> str:
+    """The run of letters, digits, '_' and '-' that contains `position`."""
+    start, end = position, position
+    while start > 0 and (text[start - 1].isalnum() or text[start - 1] in "_-"):
+        start -= 1
+    while end < len(text) and (text[end].isalnum() or text[end] in "_-"):
+        end += 1
+    return text[start:end]
 
 
 def _describe(token: Token) -> str:
@@ -563,7 +582,9 @@ class ToIR:
         return ("arch", self.word(children[0]), span)
 
     def mcpu(self, span, children):
-        return ("mcpu", self.word(children[0]), span)
+        token = children[0]
+        word = self.string(token) if token.type == "STRING" else self.word(token)
+        return ("mcpu", word, span)
 
     def opset(self, span, children):
         return ("opset", self.num(children[0]), span)

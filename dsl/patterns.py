@@ -54,13 +54,11 @@ def glob_to_regex(glob: str) -> str:
         elif char == "?":
             out.append(".")
         elif char == "[":
-            end = glob.find("]", i + 2)
+            start = i + 1 + (glob[i + 1 : i + 2] == "!")
+            end = glob.find("]", start + 1)  # a "]" right after "[" or "[!" is literal
             if end < 0:
                 raise PatternError("'[' has no matching ']'", i)
-            body = glob[i + 1 : end]
-            if body.startswith("!"):
-                body = "^" + body[1:]
-            out.append("[" + body.replace("\\", "\\\\") + "]")
+            out.append(_character_class(glob[i + 1 : end], i))
             i = end
         elif char == "{":
             end = glob.find("}", i)
@@ -77,6 +75,18 @@ def glob_to_regex(glob: str) -> str:
             out.append(re.escape(char))
         i += 1
     return "".join(out)
+
+
+def _character_class(body: str, offset: int) -> str:
+    negate = body.startswith("!")
+    members = body[negate:]
+    escaped = "".join("\\" + c if c in "\\[]^" else c for c in members)
+    regex = "[" + ("^" if negate else "") + escaped + "]"
+    try:
+        re.compile(regex)
+    except re.error as error:
+        raise PatternError(f"invalid character class: {error.msg}", offset) from None
+    return regex
 
 
 def matches(pattern: Pattern, name: str) -> bool:

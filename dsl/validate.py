@@ -92,8 +92,7 @@ class Checker:
                 self.error(
                     f"target '{target.name}' is defined twice",
                     target.span,
-                    help=f"name the second one: target {target.backend.text} as "
-                    f"{target.backend.text}_{(target.device or target.backend).text}",
+                    help=f"give this one another name: target {target.backend.text} as NAME",
                     notes=[Note("first defined here", seen[target.name].span)],
                 )
             else:
@@ -133,28 +132,36 @@ class Checker:
             )
         if target.tune_trials and backend != "tvm":
             self.error("tune trials only apply to the tvm backend", target.tune_trials.span)
+        elif target.tune_trials and target.tune_trials.value < 1:
+            self.error("tune trials must be at least 1", target.tune_trials.span)
         if target.mcpu and (backend != "tvm" or device != "llvm"):
             self.error("mcpu only applies to tvm with device llvm", target.mcpu.span)
 
     # ---- rules ---------------------------------------------------------------------------------
 
     def rules(self, rules: Iterable[ir.Defaults | ir.LayerRule]) -> None:
-        last_by_pattern: dict[tuple[str, bool], ir.LayerRule] = {}
+        rules = list(rules)
         for rule in rules:
             self.settings(rule.settings, rule.span)
             if isinstance(rule, ir.LayerRule):
                 self.pattern(rule.pattern)
-                key = (rule.pattern.text, rule.pattern.regex)
-                earlier = last_by_pattern.get(key)
-                if earlier and _fields(earlier.settings) <= _fields(rule.settings):
-                    self.warning(
-                        "this rule has no effect: a later rule with the same pattern "
-                        "sets all of its fields",
-                        earlier.span,
-                        help="merge the two rules or delete this one",
-                        notes=[Note("overridden here", rule.span)],
-                    )
-                last_by_pattern[key] = rule
+        # A rule is dead when later rules with the same pattern set every field it sets.
+        later: dict[tuple[str, bool], tuple[set[str], ir.LayerRule]] = {}
+        for rule in reversed(rules):
+            if not isinstance(rule, ir.LayerRule):
+                continue
+            key = (rule.pattern.text, rule.pattern.regex)
+            fields = _fields(rule.settings)
+            if key in later and fields and fields <= later[key][0]:
+                self.warning(
+                    "this rule has no effect: later rules with the same pattern "
+                    "set all of its fields",
+                    rule.span,
+                    help="merge the rules or delete this one",
+                    notes=[Note("overridden here", later[key][1].span)],
+                )
+            overriding, last = later.get(key, (set(), rule))
+            later[key] = (overriding | fields, last)
 
     def pattern(self, pattern: ir.Pattern) -> None:
         try:
@@ -259,7 +266,7 @@ class Checker:
                     options.symmetric.span,
                     help=f"for a symmetric grid use int{fmt.bits}",
                 )
-        if options.scale and options.scale.text == "e8m0" and group is None:
+        if options.scale and options.scale.text == "e8m0" and granularity and group is None:
             self.error(
                 "e8m0 scales are shared per block (OCP MX)",
                 options.scale.span,
@@ -311,11 +318,15 @@ class Checker:
                 activation.dynamic.span,
                 help="write dynamic, or use tensor for static scales",
             )
-        fmt = activation.format
-        asymmetric = activation.symmetric is not None and not activation.symmetric.value
-        if fmt and asymmetric and fmt.text.startswith("fp8"):
-            assert activation.symmetric is not None
-            self.error(f"{fmt.text} has no zero point", activation.symmetric.span)
+        fmt, symmetric = activation.format, activation.symmetric
+        if fmt and symmetric and not symmetric.value and fmt.text.startswith("fp8"):
+            self.error(f"{fmt.text} has no zero point", symmetric.span)
+        if fmt and symmetric and symmetric.value and fmt.text == "uint8":
+            self.error(
+                "uint8 codes are unsigned with a zero point",
+                symmetric.span,
+                help="for symmetric activations use int8",
+            )
 
     def sparsity(self, sparsity: ir.Sparsity) -> None:
         pattern = sparsity.pattern
@@ -333,8 +344,6 @@ class Checker:
                 pattern.span,
                 "a ratio such as 0.5 or a percentage such as 50%",
             )
-        if pattern is None and sparsity.method is not None:
-            self.error("sparsity none takes no method", sparsity.method.span)
 
     def lowrank(self, lowrank: ir.LowRank) -> None:
         if lowrank.rank.value <= 0:
@@ -353,7 +362,8 @@ class Checker:
         names = [t.name for t in targets]
         for limit in limits:
             self.limit(limit, names)
-            key = (limit.metric, limit.target.text if limit.target else None)
+            target = limit.target.text if limit.target else (names[0] if len(names) == 1 else None)
+            key = (limit.metric, target if limit.metric == "latency" else None)
             if key in seen:
                 self.error(
                     f"{_METRIC_NAMES[limit.metric]} budget given twice",
@@ -399,7 +409,7 @@ class Checker:
                 else "declare a target, for instance: target onnx { device cpu }",
             )
 
-    def allocate(self, allocate: ir.Allocate, has_candidates: bool) -> None:
+    def allocate(self, allocate: ir.Allocate, has_candidates: bool, has_evaluate: bool) -> None:
         if allocate.strategy.text == "ilp":
             for option in (allocate.generations, allocate.offspring, allocate.fitness):
                 if option is not None:
@@ -412,6 +422,17 @@ class Checker:
                 self.error("must be at least 1", option.span)
         if not has_candidates:
             self.warning("nothing to allocate: no rule uses weight choose [...]", allocate.span)
+        needs_evaluate = (
+            ("fitness", allocate.fitness, "evaluate"),
+            ("sensitivity", allocate.sensitivity, "metric"),
+        )
+        for keyword, option, value in needs_evaluate:
+            if option is not None and option.text == value and not has_evaluate:
+                self.error(
+                    f"{keyword} {value} needs an evaluate statement",
+                    option.span,
+                    help='add: evaluate "model.py:score"',
+                )
 
 
 def check(spec: ir.Spec) -> list[Diagnostic]:
@@ -430,7 +451,7 @@ def check(spec: ir.Spec) -> list[Diagnostic]:
         has_candidates = any(
             isinstance(s, ir.Weight) and s.candidates for r in spec.rules for s in r.settings
         )
-        checker.allocate(spec.allocate, has_candidates)
+        checker.allocate(spec.allocate, has_candidates, spec.evaluate is not None)
     return checker.diagnostics
 
 

@@ -230,3 +230,24 @@ def test_examples_check_clean():
     for example in examples:
         checked = check_file(example)
         assert not checked.errors, example
+
+
+def test_a_file_included_twice_counts_once(tmp_path: Path):
+    (tmp_path / "common.qspec").write_text("qspec 1\ntarget onnx\n")
+    (tmp_path / "a.qspec").write_text('qspec 1\ninclude "common.qspec"\n')
+    main = tmp_path / "main.qspec"
+    main.write_text('qspec 1\ninclude "a.qspec"\ninclude "common.qspec"\n')
+    checked = check_file(main)
+    assert not checked.errors
+    assert [t.name for t in checked.spec.targets] == ["onnx"]
+
+
+def test_checks_that_need_inherited_fields_wait_for_resolution():
+    # The group may come from defaults: only the resolved layer knows.
+    spec_of('defaults { weight int4 group 32 }\nlayer "x" { weight fp4 scale e8m0 }')
+
+
+def test_keywords_are_names_where_only_a_name_fits():
+    spec = spec_of('target tvm as layer { device llvm mcpu "skylake-avx512" }')
+    assert spec.targets[0].name == "layer"
+    assert spec.targets[0].mcpu == W("skylake-avx512")
