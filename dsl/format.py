@@ -255,7 +255,7 @@ class _Printer:
         self.gap(span.line)
         block = _block(node)
         if block is None:
-            self.comments_before(span.end_line, indent)  # comments inside a one-line construct
+            self.comments_before(span.end_line, indent, gaps=False)  # inside a one-line construct
             if isinstance(node, ir.Limit):
                 lines = [INDENT * indent + render_limit(node)]
             elif isinstance(node, ir.Statement):
@@ -290,10 +290,11 @@ class _Printer:
     def has_comment_before(self, line: int) -> bool:
         return bool(self.comments) and self.comments[0].span.line < line
 
-    def comments_before(self, line: int, indent: int) -> None:
+    def comments_before(self, line: int, indent: int, *, gaps: bool = True) -> None:
         while self.has_comment_before(line):
             comment = self.comments.popleft()
-            self.gap(comment.span.line)
+            if gaps:
+                self.gap(comment.span.line)
             self.lines.append(INDENT * indent + comment.text.rstrip())
             self.last_line = comment.span.line
 

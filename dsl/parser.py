@@ -8,6 +8,7 @@ own, so one run reports an error per broken statement and checks the words of th
 from __future__ import annotations
 
 import gc
+import math
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from lark import Lark, Token, Tree, UnexpectedCharacters, UnexpectedInput
+from lark import Lark, Token, UnexpectedCharacters, UnexpectedInput
 from lark.exceptions import UnexpectedEOF
 from lark.lexer import Lexer, PatternStr
 
@@ -53,6 +54,7 @@ class _Lexer(Lexer):
             t.pattern.value: t.name for t in conf.terminals if isinstance(t.pattern, PatternStr)
         }
         self.comments: list[Token] = []
+        self.line_offset = 0
 
     def lex(self, state: Any, parser_state: Any) -> Iterator[Token]:
         text: str = state.text.text
@@ -60,6 +62,8 @@ class _Lexer(Lexer):
         states = parser_state.parse_conf.parse_table.states
         keywords = self.keywords
         pos, line, line_start = counter.char_pos, counter.line, counter.line_start_pos
+        if pos == 0:
+            line += self.line_offset  # a piece cut from a larger file keeps its line numbers
         while pos < len(text):
             match = _TOKEN.match(text, pos)
             if match is None:
@@ -95,15 +99,16 @@ class _Lexer(Lexer):
 class _Reduce:
     """Lark's embedded-transformer hook: each rule reduces straight to IR, no parse tree.
 
-    Rules named `_x` are inlined by Lark into their parent, so they stay trees.
+    Lark looks up one callback per rule name when it builds the parser; rules named `_x` have
+    none, so Lark inlines them into their parent, and terminals (upper case) have none either.
     """
 
     to_ir: ToIR
 
-    def __default__(self, data: str, children: list, meta: Any) -> Any:
-        if data.startswith("_"):
-            return Tree(data, children)
-        return self.to_ir.reduce(data, children)
+    def __getattr__(self, rule: str) -> Any:
+        if rule.startswith("_") or not rule.islower():
+            raise AttributeError(rule)
+        return lambda children: self.to_ir.reduce(rule, children)
 
 
 _reduce = _Reduce()
@@ -161,8 +166,8 @@ def _parse_piece(
 ) -> tuple[list[ir.Statement], list[ir.Comment], list[Diagnostic]]:
     lark = _lark()
     lexer = lark.parser.lexer
-    lexer.comments = []
-    to_ir = _reduce.to_ir = ToIR(path, line_offset)
+    lexer.comments, lexer.line_offset = [], line_offset
+    to_ir = _reduce.to_ir = ToIR(path)
     statements, _ = lark.parse(text, on_error=on_error)
     comments = [ir.Comment(str(t), to_ir.token_span(t)) for t in lexer.comments]
     return statements, comments, to_ir.diagnostics
@@ -275,7 +280,7 @@ def _syntax_diagnostic(error: UnexpectedInput, text: str, path: str, offset: int
     if isinstance(error, UnexpectedCharacters):
         char = text[error.pos_in_stream]
         expected = _expected(error.allowed or set(), previous)
-        span = ir.Span(path, line + offset, column, line + offset, column + 1)
+        span = ir.Span(path, line, column, line, column + 1)
         if char == '"':
             return Diagnostic(
                 "error",
@@ -314,9 +319,7 @@ def _syntax_diagnostic(error: UnexpectedInput, text: str, path: str, offset: int
             )
         return Diagnostic("error", "unexpected end of file", span, expected)
 
-    span = ir.Span(
-        path, token.line + offset, token.column, token.end_line + offset, token.end_column
-    )
+    span = ir.Span(path, token.line, token.column, token.end_line, token.end_column)
     keywords = _keywords()
     help_text = None
     if "RBRACE" in names and str(token) in vocabulary.TOP_LEVEL_KEYWORDS:
@@ -428,38 +431,34 @@ class ToIR:
     Lark calls `reduce` as it parses, through `_Reduce`.
     """
 
-    def __init__(self, path: str, line_offset: int = 0):
+    def __init__(self, path: str):
         self.path = path
-        self.line_offset = line_offset
         self.diagnostics: list[Diagnostic] = []
 
     def reduce(self, rule: str, children: list) -> tuple[Any, ir.Span | None]:
         """Build the IR of one rule from its children: tokens, or (value, span) of sub-rules."""
         values: list[Any] = []
-        first = last = None
+        first = last = None  # tokens and spans both have line, column, end_line, end_column
         for child in children:
-            if isinstance(child, Token):
-                span = self.token_span(child)
+            if child.__class__ is Token:
+                where = child
                 if child.type in _VALUE_TOKENS:
                     values.append(child)
             else:
-                value, span = child
+                value, where = child
                 values.append(value)
-            if span is not None:
-                first = first or span
-                last = span
+            if where is not None:
+                first = first or where
+                last = where
         span = None
-        if first is not None and last is not None:
+        if first is not None:
             span = ir.Span(self.path, first.line, first.column, last.end_line, last.end_column)
         return getattr(self, rule)(span or ir.NOWHERE, values), span
 
     # -- helpers --
 
     def token_span(self, token: Token) -> ir.Span:
-        off = self.line_offset
-        return ir.Span(
-            self.path, token.line + off, token.column, token.end_line + off, token.end_column
-        )
+        return ir.Span(self.path, token.line, token.column, token.end_line, token.end_column)
 
     def error(
         self, message: str, span: ir.Span, expected: str | None = None, help: str | None = None
@@ -485,13 +484,18 @@ class ToIR:
         return ir.Word(_unquote(str(token)), self.token_span(token))
 
     def num(self, token: Token, *, whole: bool = True) -> ir.Num:
-        value = float(token)
-        span = self.token_span(token)
+        """A number as written: digits give an exact int, anything else a finite float."""
+        text, span = str(token), self.token_span(token)
+        if text.isdigit():
+            return ir.Num(int(text), span)
         if whole:
-            if not value.is_integer() or not re.fullmatch(r"[0-9]+", str(token)):
-                self.error(f"expected a whole number, got {token}", span)
-            return ir.Num(int(value), span)
-        return ir.Num(int(value) if re.fullmatch(r"[0-9]+", str(token)) else value, span)
+            self.error(f"expected a whole number, got {text}", span)
+            return ir.Num(0, span)
+        value = float(text)
+        if not math.isfinite(value):
+            self.error(f"{text} is too large", span)
+            return ir.Num(0, span)
+        return ir.Num(value, span)
 
     def options(self, items: list[tuple[str, Any, ir.Span]], allowed: tuple[str, ...]) -> dict:
         """Collect (key, value, span) option items, reporting an option given twice."""

@@ -78,10 +78,11 @@ regex_text = st.text(_regex_chars, max_size=24).filter(_closes)
 
 # Free-form NAMEs (target alias, arch, mcpu, budget target). Keywords of the language are
 # included on purpose: in these positions only a NAME is acceptable.
-KEYWORDS = (
-    "qspec include model calibration evaluate target defaults layer tie budget allocate "
-    "weight activation sparsity compensate keep choose device as on by rank none re"
-).split()
+KEYWORDS = [
+    *("qspec", "include", "model", "calibration", "evaluate", "target", "defaults", "layer"),
+    *("tie", "budget", "allocate", "weight", "activation", "sparsity", "compensate", "keep"),
+    *("choose", "device", "as", "on", "by", "rank", "none", "re"),
+]
 name = st.from_regex(r"[A-Za-z_][A-Za-z0-9_]{0,11}", fullmatch=True) | st.sampled_from(KEYWORDS)
 name_word = name.map(ir.Word)
 
@@ -374,3 +375,30 @@ def test_large_whole_numbers_round_trip_exactly(slot: str):
         text = format_document(document)
         assert str(value) in text
         assert parse_ok(text) == document, f"{value} did not survive the round trip of:\n{text}"
+
+
+# Numbers as users may write them in the slots that take a fraction. Whatever the parser makes of
+# them, formatting must give text that parses back to the same IR.
+SPELLINGS = ["0", "007", "0.10", "1.0", "1E+2", "1e-3", "5e-324", "1e308", "1e999", "1e-999"]
+SPELLINGS += ["9007199254740993", "123456789012345678901234567890"]
+FRACTION_SLOTS = [
+    'layer "x" {{ weight int4 round gptq damp {} }}',
+    'layer "x" {{ sparsity {} by wanda }}',
+    'layer "x" {{ sparsity {}% }}',
+    'layer "x" {{ weight choose [int4 sparsity {}, keep] }}',
+    "budget {{ weight bits <= {} }}",
+    "budget {{ size <= {} MB }}",
+    "budget {{ latency <= {} ms on onnx }}",
+]
+
+
+@pytest.mark.parametrize("slot", FRACTION_SLOTS)
+def test_numbers_as_written_format_back_to_the_same_ir(slot: str):
+    for spelling in SPELLINGS:
+        text = "qspec 1\n" + slot.format(spelling) + "\n"
+        document, diagnostics = parse_document(text, PATH)
+        if document is None or any(d.severity == "error" for d in diagnostics):
+            continue  # rejecting a number is fine; changing it is not
+        formatted = format_document(document)
+        assert parse_ok(formatted) == document, f"{text!r} formatted to {formatted!r}"
+        assert format_document(parse_ok(formatted)) == formatted
