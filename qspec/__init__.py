@@ -1,4 +1,9 @@
-"""qspec: a declarative model compiler for low-bit ONNX Runtime and TVM artifacts."""
+"""qspec: a declarative model compiler for low-bit ONNX Runtime and TVM artifacts.
+
+build = qspec.compile("examples/minilm/int4.qspec", "build/int4")
+model = qspec.load("build/int4")
+outputs = model({"input_ids": ids, "attention_mask": mask})
+"""
 
 from importlib.metadata import PackageNotFoundError, version
 
@@ -10,4 +15,19 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
-__all__ = ["Checked", "SpecError", "__version__", "check_file", "load_spec"]
+
+def compile(spec, out_dir, **options):
+    """Compile a spec into a verified build folder; returns a `Build`. See `qspec compile`."""
+    from qspec.compiler.driver import compile_spec
+
+    return compile_spec(spec, out_dir, **options)
+
+
+def load(folder, backend=None):
+    """A callable over named numpy arrays for the artifact in a build folder."""
+    from qspec.backends.runtime import load as load_build
+
+    return load_build(folder, backend)
+
+
+__all__ = ["Checked", "SpecError", "__version__", "check_file", "compile", "load", "load_spec"]

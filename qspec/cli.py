@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from qspec import __version__
-from qspec.dsl.diagnostics import Diagnostic
+from qspec.compiler.errors import CompileFailure, UserError
+from qspec.dsl.diagnostics import Diagnostic, SpecError
 from qspec.dsl.format import format_text
 from qspec.dsl.load import check_file, read_source
 
@@ -20,12 +21,16 @@ OK, CHANGED, USER_ERROR, INTERNAL_ERROR = 0, 1, 2, 3
 
 EXAMPLES = """\
 examples:
+  qspec compile examples/minilm/int4.qspec -o build/int4     compile, verify, write the folder
+  qspec run build/int4 --input in.npz --output out.npz       run an artifact on arrays
+  qspec explain examples/minilm/int4.qspec    which rule decided what, per layer
   qspec check examples/minilm/int4.qspec      parse and validate, one line per file
   qspec fmt examples/*.qspec                  rewrite files in canonical form
   qspec fmt --check spec.qspec                exit 1 and print a diff if it would change
   cat spec.qspec | qspec fmt -                format standard input to standard output
 
-exit codes: 0 success, 1 fmt --check found changes, 2 error in a spec, 3 internal error
+exit codes: 0 success, 1 build failed (or fmt --check found changes), 2 error in the spec,
+            model or data, 3 internal error
 """
 
 
@@ -37,6 +42,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USER_ERROR
     try:
         return args.run(args)
+    except SpecError as error:
+        print(error.render(), file=sys.stderr)
+        return USER_ERROR
+    except UserError as error:
+        print(error.diagnostic.render({}), file=sys.stderr)
+        return USER_ERROR
+    except CompileFailure as error:
+        print(f"qspec: build failed: {error}", file=sys.stderr)
+        return CHANGED
     except KeyboardInterrupt:
         print("qspec: interrupted", file=sys.stderr)
         return 130
@@ -90,6 +104,54 @@ def _parser() -> argparse.ArgumentParser:
         "--check", action="store_true", help="change nothing; print a diff and exit 1 if needed"
     )
     fmt.set_defaults(command="fmt", run=run_fmt)
+
+    compile_ = commands.add_parser(
+        "compile",
+        help="compile a spec to a verified build folder",
+        description="Load the model (this runs the spec's Python entries), capture it, run the "
+        "passes, emit the artifact, verify it against the float model on held-out samples and "
+        "write DIR/model.onnx, DIR/manifest.json, DIR/report.json and DIR/report.md.",
+        epilog="example:\n  qspec compile examples/minilm/int4.qspec -o build/int4 "
+        "--fail-under cosine=0.97",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    compile_.add_argument("spec", metavar="SPEC")
+    compile_.add_argument("-o", "--output", required=True, metavar="DIR", help="build folder")
+    compile_.add_argument(
+        "--fail-under",
+        action="append",
+        default=[],
+        metavar="METRIC=VALUE",
+        help="exit 1 when fidelity is below VALUE (cosine, cosine_min, snr, top1)",
+    )
+    compile_.add_argument("--timings", action="store_true", help="print the time of each stage")
+    compile_.set_defaults(command="compile", run=run_compile)
+
+    run = commands.add_parser(
+        "run",
+        help="run a build folder on arrays",
+        description="Run the artifact of a build folder with its own runtime.",
+        epilog="example:\n  qspec run build/int4 --input in.npz --output out.npz",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("folder", metavar="DIR")
+    run.add_argument(
+        "--input", required=True, metavar="IN.npz", help="arrays named like the inputs"
+    )
+    run.add_argument("--output", required=True, metavar="OUT.npz")
+    run.add_argument("--backend", choices=("onnx", "tvm"), help="default: the spec's first target")
+    run.set_defaults(command="run", run=run_artifact)
+
+    explain = commands.add_parser(
+        "explain",
+        help="show which rule decided what for each layer",
+        description="Load and capture the model (this runs the spec's model entry), resolve the "
+        "rules and print the per-layer table and each rule's match count.",
+        epilog="example:\n  qspec explain examples/minilm/mixed.qspec",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    explain.add_argument("spec", metavar="SPEC")
+    explain.set_defaults(command="explain", run=run_explain)
     return parser
 
 
@@ -169,3 +231,69 @@ def _write_atomically(path: Path, text: str) -> None:
     except BaseException:
         os.unlink(temporary)
         raise
+
+
+def _thresholds(pairs: list[str]) -> dict[str, float]:
+    thresholds = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        try:
+            thresholds[name.strip()] = float(value)
+        except ValueError:
+            raise UserError(f"--fail-under expects METRIC=VALUE, got '{pair}'") from None
+    return thresholds
+
+
+def run_compile(args: argparse.Namespace) -> int:
+    from qspec.compiler.driver import compile_spec
+
+    log = (lambda line: print(f"  {line}", file=sys.stderr)) if args.timings else (lambda _: None)
+    build = compile_spec(args.spec, args.output, fail_under=_thresholds(args.fail_under), log=log)
+    print(summary(build.manifest, build.report, build.latency_ms))
+    return OK
+
+
+def summary(manifest: dict, report: dict, latency: dict[str, float]) -> str:
+    totals, fidelity = manifest["totals"], report["fidelity"]
+    target = manifest["targets"][0]
+    lines = [
+        f"built {target['file']}: {totals['artifact_bytes'] / 1e6:.2f} MB "
+        f"({totals['float_to_artifact']}x smaller than float, "
+        f"{totals['artifact_to_min']}x the theoretical minimum)",
+        f"fidelity on {fidelity['samples']} held-out samples: cosine mean "
+        f"{fidelity['cosine_mean']:.5f}, min {fidelity['cosine_min']:.5f}, "
+        f"SNR {fidelity['snr_db']:.1f} dB",
+    ]
+    if fidelity.get("top1_agreement") is not None:
+        lines.append(
+            f"top-1 agreement {fidelity['top1_agreement']:.4f}, accuracy "
+            f"{fidelity['accuracy_artifact']:.4f} (float {fidelity['accuracy_float']:.4f})"
+        )
+    lines += [f"latency {name}: {ms:.2f} ms" for name, ms in latency.items()]
+    return "\n".join(lines)
+
+
+def run_artifact(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from qspec.backends.runtime import load
+
+    runner = load(args.folder, args.backend)
+    try:
+        with np.load(args.input) as data:
+            inputs = {name: data[name] for name in data.files}
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read {args.input}: {error}") from None
+    outputs = runner(inputs)
+    staging = Path(args.output).with_name(f".{Path(args.output).name}.tmp.npz")
+    np.savez(staging, **outputs)
+    os.replace(staging, args.output)
+    print(", ".join(f"{name} {list(array.shape)}" for name, array in outputs.items()))
+    return OK
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    from qspec.compiler.driver import explain_spec
+
+    print(explain_spec(args.spec))
+    return OK

@@ -1,0 +1,1 @@
+"""The ONNX Runtime backend: lowering, custom operators and their translations, export."""

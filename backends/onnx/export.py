@@ -1,0 +1,116 @@
+"""Emit the ONNX artifact: swap compressed layers for their lowered modules, export with the
+dynamo exporter and the custom translations, and fix the model up for every ONNX Runtime
+(IR version, opsets), then check it."""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch.export import Dim
+from torch.utils._pytree import tree_flatten
+
+from qspec.backends.onnx.modules import lower
+from qspec.backends.onnx.ops import TABLE
+from qspec.compiler.capture import Graph
+from qspec.compiler.errors import CompileFailure
+from qspec.compiler.qmodel import QModel
+from qspec.dsl import ir
+
+DEFAULT_OPSET = 21
+IR_VERSION = 10  # onnxruntime-gpu 1.31 rejects IR 14 (onnx 1.23's default); opset 21 needs 10
+
+
+@dataclass
+class OnnxArtifact:
+    path: Path
+    emitted: dict[str, str]  # layer -> what it became (MatMulNBits, decode+Conv, ...)
+    layer_bytes: dict[str, int]  # layer -> bytes of its initializers in the file
+    total_bytes: int
+
+
+def lowered_module(graph: Graph, qmodel: QModel) -> tuple[torch.nn.Module, dict[str, str]]:
+    """A copy of the float module with every compressed layer replaced by its lowered module."""
+    module = copy.deepcopy(graph.module)
+    emitted: dict[str, str] = {}
+    for name, compressed in qmodel.items():
+        replacement, what = lower(compressed, module.get_submodule(name))
+        module.set_submodule(name, replacement)
+        emitted[name] = what
+    return module.eval(), emitted
+
+
+def emit(graph: Graph, qmodel: QModel, target: ir.Target | None, path: Path) -> OnnxArtifact:
+    module, emitted = lowered_module(graph, qmodel)
+    opset = int(target.opset.value) if target and target.opset else DEFAULT_OPSET
+    dynamic = {
+        name: {axis: Dim.AUTO for axis in range(t.dim())} for name, t in graph.example.items()
+    }
+    try:
+        with _quiet():
+            program = torch.onnx.export(
+                module,
+                (),
+                kwargs=graph.example,
+                dynamo=True,
+                dynamic_shapes=dynamic,
+                custom_translation_table=TABLE,
+                opset_version=opset,
+                optimize=True,
+                external_data=False,
+                output_names=_output_names(module, graph.example),
+            )
+    except Exception as error:
+        raise CompileFailure(f"ONNX export failed: {type(error).__name__}: {error}") from error
+    assert program is not None
+    model = program.model_proto
+    model.ir_version = IR_VERSION
+    model.producer_name, model.producer_version = "qspec", ""
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
+    onnx.checker.check_model(model, full_check=True)
+    data = model.SerializeToString(deterministic=True)
+    path.write_bytes(data)
+    return OnnxArtifact(path, emitted, _layer_bytes(model, qmodel), len(data))
+
+
+def _output_names(module: torch.nn.Module, example: dict[str, torch.Tensor]) -> list[str]:
+    with torch.no_grad():
+        leaves, _ = tree_flatten(module(**example))
+    count = sum(isinstance(leaf, torch.Tensor) for leaf in leaves)
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporter prints progress and warns about optional packages: keep the CLI clean."""
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        exporter_log.setLevel(level)
+
+
+def _layer_bytes(model: onnx.ModelProto, qmodel: QModel) -> dict[str, int]:
+    sizes = {name: 0 for name in qmodel}
+    for tensor in model.graph.initializer:
+        owner = tensor.name.rsplit(".", 1)[0]
+        if owner in sizes:
+            sizes[owner] += len(tensor.raw_data) or _nbytes(tensor)
+    return sizes
+
+
+def _nbytes(tensor: onnx.TensorProto) -> int:
+    return onnx.numpy_helper.to_array(tensor).nbytes

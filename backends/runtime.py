@@ -1,0 +1,57 @@
+"""Load a build folder and run it with the backend's own runtime: `qspec.load(folder)`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from qspec.compiler.build import read_manifest
+from qspec.compiler.errors import UserError
+
+
+class OnnxRunner:
+    """An ONNX Runtime session over an artifact; called with named numpy arrays."""
+
+    def __init__(self, path: Path, threads: int = 0, device: str = "cpu"):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(path), options, providers=providers)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = [name for name in self.input_names if name not in inputs]
+        if missing:
+            raise UserError(f"missing inputs {missing}; the model takes {self.input_names}")
+        feed = {name: np.asarray(inputs[name]) for name in self.input_names}
+        return dict(zip(self.output_names, self.session.run(None, feed), strict=True))
+
+    def primary(self, batch: Mapping) -> np.ndarray:
+        """The first output for a batch of torch tensors (used by verification)."""
+        outputs = self({k: v.numpy() for k, v in batch.items()})
+        return outputs[self.output_names[0]]
+
+
+def load(folder: str | Path, backend: str | None = None) -> OnnxRunner:
+    """A callable over numpy arrays for the artifact in a build folder."""
+    folder = Path(folder)
+    try:
+        manifest = read_manifest(folder)
+    except FileNotFoundError as error:
+        raise UserError(str(error)) from None
+    targets = manifest["targets"]
+    chosen = next((t for t in targets if backend in (None, t["backend"], t["name"])), None)
+    if chosen is None:
+        available = ", ".join(t["backend"] for t in targets)
+        raise UserError(f"the build has no {backend} artifact (it has: {available})")
+    return OnnxRunner(folder / chosen["file"], device=chosen.get("device", "cpu"))

@@ -1,0 +1,182 @@
+"""Capture the float model and list its compressible layers.
+
+`torch.export` gives the graph and tells which modules the forward pass really calls; when it
+fails, `torch.fx.symbolic_trace` is tried. Each compressible layer is described by a `Layer`
+whose `matrix` view is the 2-D [rows, reduction] weight every pass and backend works on.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from qspec.compiler.errors import UserError
+from qspec.compiler.source import ModelSource
+from qspec.dsl import ir
+
+LayerKind = Literal["linear", "conv1d", "conv2d", "embedding", "hf_conv1d"]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A compressible layer. `rows` x `cols` is its weight as a matrix: output channels (or
+    embedding rows) by reduction dimension; for Conv the reduction runs over (kernel position,
+    input channel) with input channels innermost, so blocks and N:M groups stay in one channel
+    run."""
+
+    name: str
+    kind: LayerKind
+    weight_shape: tuple[int, ...]
+    params: int
+    macs: int
+    groups: int = 1
+
+    @property
+    def rows(self) -> int:
+        return self.weight_shape[1] if self.kind == "hf_conv1d" else self.weight_shape[0]
+
+    @property
+    def cols(self) -> int:
+        return self.params_in_weight // self.rows
+
+    @property
+    def params_in_weight(self) -> int:
+        return math.prod(self.weight_shape)
+
+    @property
+    def channel_run(self) -> int:
+        """Length of a contiguous run of input channels in the matrix view (Conv: per kernel
+        position; others: the whole row)."""
+        return self.weight_shape[1] if self.kind.startswith("conv") else self.cols
+
+
+@dataclass
+class Graph:
+    """The captured model: the float module, its example inputs and compressible layers."""
+
+    module: nn.Module
+    example: dict[str, torch.Tensor]
+    input_names: tuple[str, ...]
+    layers: dict[str, Layer]
+    method: Literal["export", "fx"]
+    note: str = ""
+
+
+def matrix(layer: Layer, weight: torch.Tensor) -> torch.Tensor:
+    """The layer's weight as [rows, cols] (see Layer)."""
+    if layer.kind == "hf_conv1d":
+        return weight.t()
+    if layer.kind.startswith("conv"):
+        return weight.movedim(1, -1).reshape(layer.rows, -1)
+    return weight.reshape(layer.rows, -1)
+
+
+def unmatrix(layer: Layer, weight: torch.Tensor) -> torch.Tensor:
+    """Inverse of `matrix`: back to the module's own weight layout."""
+    if layer.kind == "hf_conv1d":
+        return weight.t().contiguous()
+    if layer.kind.startswith("conv"):
+        out, inp, *kernel = layer.weight_shape
+        return weight.reshape(out, *kernel, inp).movedim(-1, 1).contiguous()
+    return weight.reshape(layer.weight_shape).contiguous()
+
+
+def _kind(module: nn.Module) -> LayerKind | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv1d):
+        return "conv1d"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers GPT-2 style
+        return "hf_conv1d"
+    return None
+
+
+def capture(model: ModelSource, model_word: ir.Word | None = None) -> Graph:
+    module, example = model.module, model.example
+    method: Literal["export", "fx"] = "export"
+    note = ""
+    try:
+        exported = torch.export.export(module, (), kwargs=example, strict=False)
+        used = _modules_called(exported)
+    except Exception as error:  # export is strict about Python control flow; fx may still work
+        method, note = "fx", f"torch.export failed ({type(error).__name__}: {error})"[:300]
+        try:
+            traced = torch.fx.symbolic_trace(module)
+        except Exception as fx_error:
+            raise UserError(
+                f"cannot capture the model: {note}; torch.fx also failed ({fx_error})",
+                model_word.span if model_word else None,
+            ) from None
+        used = {n.target for n in traced.graph.nodes if n.op == "call_module"}
+    macs = _macs(module, example)
+    layers: dict[str, Layer] = {}
+    for name, child in module.named_modules():
+        kind = _kind(child)
+        if kind is None or name not in used:
+            continue
+        weight = child.weight
+        layers[name] = Layer(
+            name=name,
+            kind=kind,
+            weight_shape=tuple(weight.shape),
+            params=sum(p.numel() for p in child.parameters(recurse=False)),
+            macs=macs.get(name, 0),
+            groups=getattr(child, "groups", 1),
+        )
+    return Graph(module, example, model.input_names, layers, method, note)
+
+
+def _modules_called(exported: torch.export.ExportedProgram) -> set[str]:
+    """Qualified names of every module on the call stack of some live graph node."""
+    graph = exported.graph_module.graph
+    graph.eliminate_dead_code()  # a module whose output nothing uses (an unused pooler) is no layer
+    called: set[str] = set()
+    for node in graph.nodes:
+        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+            called.add(_strip_prefix(path))
+    return called
+
+
+def _strip_prefix(path: str) -> str:
+    """nn_module_stack paths look like 'L__self__.bert.encoder' or 'bert.encoder'."""
+    for prefix in ("L['self'].", "L__self__.", "self."):
+        if path.startswith(prefix):
+            return path[len(prefix) :]
+    return path
+
+
+def _macs(module: nn.Module, example: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Multiply-accumulates of each layer on the example input, from forward hooks."""
+    found: dict[str, int] = {}
+    hooks = []
+    for name, child in module.named_modules():
+        kind = _kind(child)
+        if kind is None or kind == "embedding":
+            continue
+
+        def hook(layer: nn.Module, _inputs, output, name: str = name, kind: LayerKind = kind):
+            weight = layer.weight
+            if kind in ("linear", "hf_conv1d"):
+                found[name] = found.get(name, 0) + output.numel() * (
+                    weight.numel() // output.shape[-1]
+                )
+            else:
+                per_output = weight.numel() // weight.shape[0]
+                found[name] = found.get(name, 0) + output.numel() * per_output
+
+        hooks.append(child.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            module(**example)
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return found

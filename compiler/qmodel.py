@@ -1,0 +1,65 @@
+"""The backend-neutral compressed model: per layer, what the artifact must compute.
+
+A `CompressedLayer` holds the quantized weight (codes, scales, zero points), the sparsity mask,
+low-rank factors, the bias and the activation quantizer. Backends read only this (and the float
+module for everything that is not compressed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from qspec.compiler.capture import Layer
+from qspec.compiler.formats import weight_format
+from qspec.compiler.numerics import Quantized, QuantSpec
+from qspec.compiler.resolve import ActivationPlan, LayerPlan, WeightPlan
+
+
+@dataclass
+class CompressedLayer:
+    layer: Layer
+    plan: LayerPlan
+    weight: Quantized | None  # None: the weight stays float (possibly masked)
+    float_weight: np.ndarray  # [rows, cols] float32: the original weight
+    mask: np.ndarray | None = None  # bool [rows, cols], True = kept
+    lowrank: tuple[np.ndarray, np.ndarray] | None = None  # (up [rows, r], down [r, cols]) fp16
+    bias: np.ndarray | None = None  # float32 [rows]
+    activation: ActivationPlan | None = None
+    activation_scale: float | None = None  # static activation quantization, per tensor
+    activation_zero_point: int | None = None
+    notes: list[str] = field(default_factory=list)  # decisions worth reporting (searched format)
+
+    def effective_weight(self) -> np.ndarray:
+        """[rows, cols] float32 weight the artifact multiplies with (low-rank branch included)."""
+        weight = self.weight.dequantize() if self.weight is not None else self.float_weight
+        if self.weight is None and self.mask is not None:
+            weight = weight * self.mask
+        if self.lowrank is not None:
+            up, down = self.lowrank
+            weight = weight + up.astype(np.float32) @ down.astype(np.float32)
+        return weight.astype(np.float32)
+
+    @property
+    def density(self) -> float:
+        """Measured fraction of nonzero weights in the compressed (pre-low-rank) weight."""
+        weight = self.weight.dequantize() if self.weight is not None else self.float_weight
+        if self.mask is not None and self.weight is None:
+            weight = weight * self.mask
+        return float(np.count_nonzero(weight)) / weight.size
+
+
+def quant_spec(plan: WeightPlan) -> QuantSpec:
+    fmt = weight_format(plan.format)
+    assert fmt is not None
+    return QuantSpec(
+        format=fmt,
+        granularity=plan.granularity,  # type: ignore[arg-type]
+        group_size=plan.group_size,
+        symmetric=plan.symmetric,
+        scale_format=plan.scale_format,  # type: ignore[arg-type]
+    )
+
+
+QModel = dict[str, CompressedLayer]

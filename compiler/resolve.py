@@ -1,0 +1,375 @@
+"""Match the spec's rules to the model's layers: one LayerPlan per layer.
+
+Rules apply in precedence order (all `defaults` blocks, then layer rules as written); a later
+rule overrides exactly the fields it sets. Each resolved field remembers the span that set it,
+which `qspec explain`, the report and error messages show.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+from qspec.compiler.capture import Graph, Layer
+from qspec.compiler.errors import UserError
+from qspec.compiler.formats import weight_format
+from qspec.dsl import ir
+from qspec.dsl.diagnostics import Note
+from qspec.dsl.patterns import compile_pattern
+from qspec.dsl.validate import Checker
+
+DEFAULT_GROUP = 32
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    format: str
+    granularity: str  # tensor | channel | group
+    group_size: int | None
+    symmetric: bool
+    scale_format: str
+    rounding: str = "nearest"
+    damp: float = 0.01
+    actorder: bool = False
+    search: tuple[str, ...] = ()
+
+    @property
+    def bits(self) -> int:
+        fmt = weight_format(self.format)
+        assert fmt is not None
+        return fmt.bits
+
+    def describe(self) -> str:
+        grain = f"group {self.group_size}" if self.granularity == "group" else self.granularity
+        parts = [self.format, grain, "sym" if self.symmetric else "asym"]
+        if self.scale_format != "fp32":
+            parts.append(f"scale {self.scale_format}")
+        if self.rounding != "nearest":
+            parts.append(self.rounding)
+        parts += [f"search {s}" for s in self.search]
+        return " ".join(parts)
+
+
+@dataclass(frozen=True)
+class ActivationPlan:
+    format: str
+    granularity: str  # tensor | token
+    dynamic: bool
+    symmetric: bool
+
+    def describe(self) -> str:
+        mode = "dynamic" if self.dynamic else "static"
+        return f"{self.format} {self.granularity} {mode}"
+
+
+@dataclass(frozen=True)
+class SparsityPlan:
+    n: int | None
+    m: int | None
+    ratio: float | None
+    method: str
+
+    @property
+    def density(self) -> float:
+        return self.n / self.m if self.n and self.m else 1 - (self.ratio or 0.0)
+
+    def describe(self) -> str:
+        pattern = f"{self.n}:{self.m}" if self.m else f"{self.ratio:.0%}"
+        return f"{pattern} {self.method}"
+
+
+@dataclass(frozen=True)
+class LowRankPlan:
+    rank: int
+    method: str
+    finetune_steps: int
+    factors: str
+
+
+@dataclass(frozen=True)
+class CandidatePlan:
+    weight: WeightPlan | None  # None: keep in float
+    sparsity: SparsityPlan | None
+    lowrank: LowRankPlan | None
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    layer: Layer
+    weight: WeightPlan | None
+    activation: ActivationPlan | None
+    sparsity: SparsityPlan | None
+    lowrank: LowRankPlan | None
+    bias_correction: bool
+    candidates: tuple[CandidatePlan, ...] | None = None
+    sources: dict[str, ir.Span] = field(default_factory=dict, compare=False)
+
+    @property
+    def compressed(self) -> bool:
+        return any((self.weight, self.activation, self.sparsity, self.lowrank, self.candidates))
+
+    def describe(self) -> str:
+        if not self.compressed and not self.bias_correction:
+            return "float"
+        parts = []
+        if self.candidates:
+            parts.append(f"choose among {len(self.candidates)}")
+        if self.weight:
+            parts.append(self.weight.describe())
+        if self.activation:
+            parts.append("act " + self.activation.describe())
+        if self.sparsity:
+            parts.append("sparse " + self.sparsity.describe())
+        if self.lowrank:
+            parts.append(f"lora r{self.lowrank.rank} {self.lowrank.method}")
+        if self.bias_correction:
+            parts.append("bias correction")
+        return ", ".join(parts)
+
+
+@dataclass
+class Plan:
+    layers: dict[str, LayerPlan]
+    matches: list[tuple[ir.Defaults | ir.LayerRule, int]]  # each rule and its match count
+
+
+# ---- resolution ------------------------------------------------------------------------------
+
+FIELDS = ("weight", "activation", "sparsity", "lora", "bias")
+WEIGHT_OPTIONS = ("granularity", "symmetric", "scale", "rounding", "search")
+
+
+def resolve(spec: ir.Spec, graph: Graph) -> Plan:
+    matches: list[tuple[ir.Defaults | ir.LayerRule, int]] = []
+    assigned: dict[str, dict[str, tuple[Any, ir.Span]]] = {name: {} for name in graph.layers}
+    for rule in spec.rules:
+        names = _matching(rule, graph)
+        matches.append((rule, len(names)))
+        if not names:
+            _no_match(rule, graph)
+        for name in names:
+            _apply(rule.settings, assigned[name])
+    layers = {name: _plan(graph.layers[name], assigned[name]) for name in graph.layers}
+    return Plan(layers, matches)
+
+
+def _matching(rule: ir.Defaults | ir.LayerRule, graph: Graph) -> list[str]:
+    if isinstance(rule, ir.Defaults):
+        return list(graph.layers)
+    regex = compile_pattern(rule.pattern)
+    return [name for name in graph.layers if regex.fullmatch(name)]
+
+
+def _no_match(rule: ir.Defaults | ir.LayerRule, graph: Graph) -> None:
+    if isinstance(rule, ir.Defaults):
+        raise UserError("the model has no compressible layers", rule.span)
+    stripped = rule.pattern.text.replace("*", "").replace("\\", "")
+    close = difflib.get_close_matches(stripped, list(graph.layers), n=3, cutoff=0.0)
+    raise UserError(
+        f"'{rule.pattern.text}' matches no layer of the model",
+        rule.pattern.span,
+        help="closest layer names: " + ", ".join(close) if close else None,
+    )
+
+
+def _apply(settings: tuple[ir.Setting, ...], fields: dict[str, tuple[Any, ir.Span]]) -> None:
+    """Assign the fields a rule's settings set (later rules call this after earlier ones)."""
+    for setting in settings:
+        span = setting.span
+        if isinstance(setting, ir.Keep):
+            for name in (*FIELDS, *(f"weight.{o}" for o in WEIGHT_OPTIONS)):
+                fields[name] = (None, span)
+        elif isinstance(setting, ir.Weight):
+            fields["weight"] = (setting, span)
+            for option in WEIGHT_OPTIONS:
+                node = getattr(setting.options, option)
+                if node is not None:
+                    fields[f"weight.{option}"] = (node, node.span)
+        elif isinstance(setting, ir.Activation):
+            fields["activation"] = (setting if setting.format else None, span)
+        elif isinstance(setting, ir.Sparsity):
+            fields["sparsity"] = (setting if setting.pattern else None, span)
+        elif isinstance(setting, ir.LowRank):
+            fields["lora"] = (setting, span)
+        elif isinstance(setting, ir.BiasCorrection):
+            fields["bias"] = (True, span)
+        elif isinstance(setting, ir.CompensateNone):
+            fields["lora"] = (None, span)
+            fields["bias"] = (False, span)
+
+
+def _plan(layer: Layer, fields: dict[str, tuple[Any, ir.Span]]) -> LayerPlan:
+    def value(name: str) -> Any:
+        return fields.get(name, (None, None))[0]
+
+    sources = {name: span for name, (_, span) in fields.items()}
+    weight: ir.Weight | None = value("weight")
+    options = ir.WeightOptions(**{o: value(f"weight.{o}") for o in WEIGHT_OPTIONS})
+    sparsity_node: ir.Sparsity | None = value("sparsity")
+    weight_plan = candidates = None
+    if weight is not None and weight.candidates is None:
+        assert weight.format is not None
+        weight_plan = _weight_plan(layer, weight.format, options, sparsity_node)
+    elif weight is not None:
+        candidates = tuple(_candidate(layer, c, options, sparsity_node) for c in weight.candidates)
+    activation = _activation_plan(layer, value("activation"))
+    sparsity = _sparsity_plan(layer, sparsity_node)
+    lora = value("lora")
+    lowrank = _lowrank_plan(lora) if lora is not None else None
+    return LayerPlan(
+        layer, weight_plan, activation, sparsity, lowrank, bool(value("bias")), candidates, sources
+    )
+
+
+def _candidate(
+    layer: Layer, candidate: ir.Candidate, shared: ir.WeightOptions, sparsity: ir.Sparsity | None
+) -> CandidatePlan:
+    if candidate.format is None:
+        return CandidatePlan(None, None, None)
+    options = ir.WeightOptions(
+        **{
+            o: getattr(candidate.options, o) or getattr(shared, o)
+            for o in ir.WeightOptions.__dataclass_fields__
+        }
+    )
+    own_sparsity = candidate.sparsity or sparsity
+    return CandidatePlan(
+        _weight_plan(layer, candidate.format, options, own_sparsity),
+        _sparsity_plan(layer, own_sparsity),
+        _lowrank_plan(candidate.lowrank) if candidate.lowrank else None,
+    )
+
+
+def _weight_plan(
+    layer: Layer, name: ir.Word, options: ir.WeightOptions, sparsity: ir.Sparsity | None
+) -> WeightPlan:
+    fmt = weight_format(name.text)
+    assert fmt is not None
+    _check_combination(name, options, sparsity)
+    granularity = options.granularity
+    kind = granularity.kind if granularity else ("channel" if fmt.bits >= 8 else "group")
+    group = None
+    if kind == "group":
+        group = int(granularity.size.value) if granularity and granularity.size else DEFAULT_GROUP
+        _check_group(layer, group, granularity.span if granularity else name.span)
+    symmetric = options.symmetric.value if options.symmetric else fmt.family != "uint"
+    rounding = options.rounding
+    return WeightPlan(
+        format=fmt.name,
+        granularity=kind,
+        group_size=group,
+        symmetric=symmetric,
+        scale_format=options.scale.text if options.scale else "fp32",
+        rounding=rounding.method.text if rounding else "nearest",
+        damp=float(rounding.damp.value) if rounding and rounding.damp else 0.01,
+        actorder=bool(rounding and rounding.actorder),
+        search=tuple(t.text for t in options.search.targets) if options.search else (),
+    )
+
+
+def _check_combination(
+    name: ir.Word, options: ir.WeightOptions, sparsity: ir.Sparsity | None
+) -> None:
+    """The language's combination rules, now on the merged fields of one layer."""
+    checker = Checker()
+    checker.quantizer(name, options, sparsity)
+    granularity = options.granularity
+    if options.scale and options.scale.text == "e8m0" and not (granularity and granularity.size):
+        checker.error(
+            "e8m0 scales are shared per block (OCP MX)",
+            options.scale.span,
+            help="add a block size, for instance group 32",
+        )
+    errors = [d for d in checker.diagnostics if d.severity == "error"]
+    if errors:
+        first = errors[0]
+        raise UserError(
+            first.message,
+            first.span,
+            expected=first.expected,
+            help=first.help,
+            notes=[Note("the format is set here", name.span), *first.notes],
+        )
+
+
+def _check_group(layer: Layer, group: int, span: ir.Span) -> None:
+    if layer.kind.startswith("conv") and layer.channel_run % group:
+        raise UserError(
+            f"group {group} does not divide the {layer.channel_run} input channels of "
+            f"{layer.name} ({layer.kind})",
+            span,
+            help="use channel granularity for this layer, or a group that divides its channels",
+        )
+
+
+def _activation_plan(layer: Layer, node: ir.Activation | None) -> ActivationPlan | None:
+    if node is None or node.format is None:
+        return None
+    if layer.kind == "embedding":
+        raise UserError(
+            f"{layer.name} is an embedding: its input is indices, not activations", node.span
+        )
+    granularity = node.granularity.kind if node.granularity else "tensor"
+    dynamic = node.dynamic.value if node.dynamic else True
+    fmt = node.format.text
+    symmetric = node.symmetric.value if node.symmetric else fmt != "uint8"
+    return ActivationPlan(fmt, granularity, dynamic, symmetric)
+
+
+def _sparsity_plan(layer: Layer, node: ir.Sparsity | None) -> SparsityPlan | None:
+    if node is None or node.pattern is None:
+        return None
+    if layer.kind == "embedding":
+        raise UserError(f"{layer.name} is an embedding: sparsity applies to matmuls", node.span)
+    method = node.method.text if node.method else "magnitude"
+    if isinstance(node.pattern, ir.NofM):
+        m = int(node.pattern.m.value)
+        if layer.channel_run % m:
+            raise UserError(
+                f"{layer.name} has {layer.channel_run} input channels, not a multiple of {m}",
+                node.pattern.span,
+            )
+        return SparsityPlan(int(node.pattern.n.value), m, None, method)
+    return SparsityPlan(None, None, node.pattern.fraction, method)
+
+
+def _lowrank_plan(node: ir.LowRank) -> LowRankPlan:
+    return LowRankPlan(
+        rank=int(node.rank.value),
+        method=node.method.text if node.method else "svd",
+        finetune_steps=int(node.finetune_steps.value) if node.finetune_steps else 0,
+        factors=node.factors.text if node.factors else "fp16",
+    )
+
+
+# ---- explain -------------------------------------------------------------------------------
+
+
+def explain(plan: Plan) -> str:
+    """The per-layer table and each rule's match count, for `qspec explain`."""
+    rows = [("layer", "kind", "shape", "settings", "decided by")]
+    for name, layer_plan in plan.layers.items():
+        layer = layer_plan.layer
+        deciding = sorted({span for span in layer_plan.sources.values() if span.line})
+        where = ", ".join(f"{_short(s.file)}:{s.line}" for s in deciding) or "-"
+        shape = "x".join(str(d) for d in layer.weight_shape)
+        rows.append((name, layer.kind, shape, layer_plan.describe(), where))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, [*widths, 0], strict=True))
+        for row in rows
+    ]
+    lines.append("")
+    for rule, count in plan.matches:
+        what = "defaults" if isinstance(rule, ir.Defaults) else f"layer {_pattern(rule.pattern)}"
+        lines.append(f"{_short(rule.span.file)}:{rule.span.line}: {what} matches {count} layers")
+    return "\n".join(lines)
+
+
+def _pattern(pattern: ir.Pattern) -> str:
+    return f're"{pattern.text}"' if pattern.regex else f'"{pattern.text}"'
+
+
+def _short(path: str) -> str:
+    return path.rsplit("/", 1)[-1]
