@@ -5,7 +5,10 @@ A weight is 2-D `[rows, cols]`: rows are output channels, cols the reduction dim
 partial. "channel" is one block per row; "tensor" is one scale for everything, materialised as
 `[rows, 1]` with equal values so that every backend reads scales as `[rows, n_blocks]`.
 
-Dequantization is the definition, quantization its exact inverse:
+`quantize(weight, spec, clip)` = `fit_scales` (per-block scales and zero points) followed by
+`quantize_values` (per-element nearest code for given scales; GPTQ-style passes call it a column at
+a time). `Quantized.dequantize` / `dequantize_values` are the definition, quantization its exact
+inverse:
 
     value = decode(code) * s            symmetric int, fp and nf formats
     value = (code - z) * s              asymmetric int/uint formats (z: per-block zero point)
@@ -27,8 +30,9 @@ Codes are unsigned bytes:
   match `ml_dtypes`; NaN/inf codes are never produced and out-of-range values saturate to ±max.
 - nf4: index into the ascending 16-value grid (0 = -1.0, 7 = 0.0, 15 = 1.0).
 
-Scales (s is the block's ideal scale range / qmax; range = absmax * clip, or (max(w,0) - min(w,0))
-* clip for asymmetric specs; qmax = grid max, 2^(b-1) - 1 for symmetric int, 2^b - 1 asymmetric):
+Scales. A block's ideal scale is range / qmax, with range = absmax * clip (asymmetric specs:
+(max(w, 0) - min(w, 0)) * clip, zero point z = round(-min(w, 0) * clip / s)) and qmax the grid
+max (2^(b-1) - 1 for symmetric int, 2^b - 1 for asymmetric specs). It is then stored as:
 - fp32, fp16, fp8 (e4m3fn): the smallest representable scale >= the ideal one, so the clipped
   range always fits the grid and nothing clips that `clip` did not ask to clip. fp8 scales are
   held in the normal e4m3 range [2^-6, 448]: a larger ideal scale saturates at 448 and the block's
@@ -112,11 +116,8 @@ class Quantized:
         """The float32 weight the codes stand for: the definition `quantize` inverts."""
         cols = self.codes.shape[1]
         block = self.spec.block_size(cols)
-        s = expand(self.scales, block, cols)
-        if self.zero_points is None:
-            return decode(self.codes, self.spec.format) * s
-        z = expand(self.zero_points, block, cols).astype(np.float32)
-        return (self.codes.astype(np.float32) - z) * s
+        z = None if self.zero_points is None else expand(self.zero_points, block, cols)
+        return dequantize_values(self.codes, expand(self.scales, block, cols), self.spec, z)
 
 
 def expand(blockwise: np.ndarray, block: int, cols: int) -> np.ndarray:
@@ -205,8 +206,11 @@ def _nearest(
 def _quantize_elements(
     w: np.ndarray, s: np.ndarray, fmt: Format, role: str, z: np.ndarray | None = None
 ) -> np.ndarray:
-    """Codes for float32 elements `w` with per-element float32 scales `s` (same shape, flat)."""
+    """Codes for float32 elements `w` with per-element float32 scales `s` (and zero points)."""
     levels, codes = _levels(fmt, role)
+    shape = w.shape
+    w, s = w.reshape(-1), np.broadcast_to(s, shape).reshape(-1)
+    z = None if z is None else np.broadcast_to(z, shape).reshape(-1)
     out = np.empty(w.shape, np.uint8)
     for start in range(0, w.size, _CHUNK):
         part = slice(start, start + _CHUNK)
@@ -214,7 +218,7 @@ def _quantize_elements(
         out[part] = _nearest(wp, s[part], levels, codes, 0.0 if z is None else z[part])
     if fmt.is_float:
         out |= np.signbit(w).astype(np.uint8) << (fmt.bits - 1)
-    return out
+    return out.reshape(shape)
 
 
 def encode(values: np.ndarray, fmt: Format) -> np.ndarray:
@@ -226,8 +230,7 @@ def encode(values: np.ndarray, fmt: Format) -> np.ndarray:
     v = np.asarray(values, dtype=np.float32)
     if not np.isfinite(v).all():
         raise ValueError("encode takes finite values")
-    flat = v.reshape(-1)
-    return _quantize_elements(flat, np.ones_like(flat), fmt, "encode").reshape(v.shape)
+    return _quantize_elements(v, np.ones_like(v), fmt, "encode")
 
 
 def decode(codes: np.ndarray, fmt: Format) -> np.ndarray:
@@ -307,20 +310,18 @@ def _choose_scales(extent: np.ndarray, spec: QuantSpec) -> np.ndarray:
 # --- quantize ------------------------------------------------------------------------------------
 
 
-def quantize(weight: np.ndarray, spec: QuantSpec, clip: float | np.ndarray = 1.0) -> Quantized:
-    """Round-to-nearest quantization of a 2-D weight onto `spec`'s grid.
+def fit_scales(
+    weight: np.ndarray, spec: QuantSpec, clip: float | np.ndarray = 1.0
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The per-block (scales, zero points) `quantize` uses: float32 and uint8 [rows, n_blocks].
 
     `clip` (scalar, or broadcastable to [rows, n_blocks]) multiplies each block's range before the
-    scale is chosen: a ratio below 1 trades clamping the outliers for a finer grid. The weight is
-    taken as float32.
+    scale is chosen: a ratio below 1 trades clamping the outliers for a finer grid. GPTQ-style
+    passes fit these once on the original weight and then call `quantize_values` column by column.
     """
-    w = np.asarray(weight, dtype=np.float32)
-    if w.ndim != 2 or 0 in w.shape:
-        raise ValueError(f"quantize takes a non-empty 2-D weight, not shape {w.shape}")
-    if not np.isfinite(w).all():
-        raise ValueError("weight has NaN or inf")
+    w = _check_weight(weight)
     rows, cols = w.shape
-    fmt, block, n_blocks = spec.format, spec.block_size(cols), spec.n_blocks(cols)
+    block, n_blocks = spec.block_size(cols), spec.n_blocks(cols)
     ratio = np.broadcast_to(np.asarray(clip, dtype=np.float64), (rows, n_blocks))
     if not np.all(np.isfinite(ratio) & (ratio > 0)):
         raise ValueError("clip ratios must be positive and finite")
@@ -337,19 +338,57 @@ def quantize(weight: np.ndarray, spec: QuantSpec, clip: float | np.ndarray = 1.0
     lo, hi = lo * ratio, hi * ratio
 
     if spec.symmetric:
-        scales = _choose_scales(np.maximum(-lo, hi), spec)
-        zero_points = None
-        z = None
-    else:
-        scales = _choose_scales(hi - lo, spec)
-        zmax = (1 << fmt.bits) - 1
-        zero_points = np.clip(np.rint(-lo / scales), 0, zmax).astype(np.uint8)
-        z = expand(zero_points, block, cols).reshape(-1)
+        return _choose_scales(np.maximum(-lo, hi), spec), None
+    scales = _choose_scales(hi - lo, spec)
+    zmax = (1 << spec.format.bits) - 1
+    return scales, np.clip(np.rint(-lo / scales), 0, zmax).astype(np.uint8)
 
-    s = expand(scales, block, cols).reshape(-1)
+
+def quantize_values(
+    values: np.ndarray, scales: np.ndarray, spec: QuantSpec, zero_points: np.ndarray | None = None
+) -> np.ndarray:
+    """uint8 codes of float32 `values` on the grid of given per-element scales (and zero points,
+    for asymmetric specs), both broadcast to `values`: the nearest code, ties to the even one."""
+    v = np.asarray(values, dtype=np.float32)
+    s = np.asarray(scales, dtype=np.float32)
+    if spec.symmetric != (zero_points is None):
+        raise ValueError("zero points go with, and only with, asymmetric specs")
     role = "symmetric" if spec.symmetric else "asymmetric"
-    codes = _quantize_elements(w.reshape(-1), s, fmt, role, z).reshape(rows, cols)
+    return _quantize_elements(v, s, spec.format, role, zero_points)
+
+
+def dequantize_values(
+    codes: np.ndarray, scales: np.ndarray, spec: QuantSpec, zero_points: np.ndarray | None = None
+) -> np.ndarray:
+    """float32 values of codes with per-element scales (and zero points): the reference."""
+    s = np.asarray(scales, dtype=np.float32)
+    if zero_points is None:
+        return decode(codes, spec.format) * s
+    c = np.asarray(codes, dtype=np.uint8).astype(np.float32)
+    return (c - np.asarray(zero_points, dtype=np.uint8).astype(np.float32)) * s
+
+
+def quantize(weight: np.ndarray, spec: QuantSpec, clip: float | np.ndarray = 1.0) -> Quantized:
+    """Round-to-nearest quantization of a 2-D weight onto `spec`'s grid (scales by `fit_scales`).
+
+    The weight is taken as float32.
+    """
+    w = _check_weight(weight)
+    scales, zero_points = fit_scales(w, spec, clip)
+    cols = w.shape[1]
+    block = spec.block_size(cols)
+    z = None if zero_points is None else expand(zero_points, block, cols)
+    codes = quantize_values(w, expand(scales, block, cols), spec, z)
     return Quantized(codes, scales, zero_points, spec)
+
+
+def _check_weight(weight: np.ndarray) -> np.ndarray:
+    w = np.asarray(weight, dtype=np.float32)
+    if w.ndim != 2 or 0 in w.shape:
+        raise ValueError(f"quantize takes a non-empty 2-D weight, not shape {w.shape}")
+    if not np.isfinite(w).all():
+        raise ValueError("weight has NaN or inf")
+    return w
 
 
 # --- packing -------------------------------------------------------------------------------------

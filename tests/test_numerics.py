@@ -21,11 +21,14 @@ from qspec.compiler.numerics import (
     QuantSpec,
     code_values,
     decode,
+    dequantize_values,
     encode,
+    fit_scales,
     nbytes,
     pack,
     packed_size,
     quantize,
+    quantize_values,
     round_scales,
     unpack,
 )
@@ -221,6 +224,23 @@ def test_near_ties_follow_the_float32_products(spec: QuantSpec, seed: int) -> No
     near_tie = np.where(keep, w, mid)
     assert np.array_equal(quantize(near_tie, spec).scales, q.scales)
     check_against_brute_force(near_tie, spec)
+
+
+@pytest.mark.parametrize("spec", [s for s in SPECS if s.group_size == 16], ids=spec_id)
+def test_column_by_column_matches_quantize(spec: QuantSpec) -> None:
+    """The GPTQ path: fit scales once, then round one column at a time."""
+    w = sample_weight(7)
+    q = quantize(w, spec)
+    scales, zero_points = fit_scales(w, spec)
+    assert np.array_equal(scales, q.scales)
+    for j in range(w.shape[1]):
+        z = None if zero_points is None else zero_points[:, j // 16]
+        codes = quantize_values(w[:, j], scales[:, j // 16], spec, z)
+        assert np.array_equal(codes, q.codes[:, j])
+        deq = dequantize_values(codes, scales[:, j // 16], spec, z)
+        assert np.array_equal(deq, q.dequantize()[:, j])
+    with pytest.raises(ValueError):
+        quantize_values(w, 1.0, spec, None if zero_points is not None else np.uint8(1))
 
 
 # --- element encodings ---------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
+import onnx_ir
+import onnxscript.optimizer
 import torch
 from torch.export import Dim
 from torch.utils._pytree import tree_flatten
@@ -64,22 +66,49 @@ def emit(graph: Graph, qmodel: QModel, target: ir.Target | None, path: Path) -> 
                 dynamic_shapes=dynamic,
                 custom_translation_table=TABLE,
                 opset_version=opset,
-                optimize=True,
+                optimize=False,
                 external_data=False,
                 output_names=_output_names(module, graph.example),
             )
     except Exception as error:
         raise CompileFailure(f"ONNX export failed: {type(error).__name__}: {error}") from error
     assert program is not None
+    _optimize(program.model, prefixes=tuple(f"{name}." for name in qmodel))
     model = program.model_proto
     model.ir_version = IR_VERSION
     model.producer_name, model.producer_version = "qspec", ""
+    _strip_metadata(model)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))
     onnx.checker.check_model(model, full_check=True)
     data = model.SerializeToString(deterministic=True)
     path.write_bytes(data)
     return OnnxArtifact(path, emitted, _layer_bytes(model, qmodel), len(data))
+
+
+def _optimize(model: onnx_ir.Model, prefixes: tuple[str, ...]) -> None:
+    """The exporter's cleanup and constant folding, except for nodes that read a compressed
+    layer's packed tensors: folding those would store the decoded float weight in the file."""
+
+    def should_fold(node: onnx_ir.Node) -> bool | None:
+        for value in node.inputs:
+            if value is not None and value.is_initializer() and value.name.startswith(prefixes):
+                return False
+        return None
+
+    with _quiet():
+        onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
+
+
+def _strip_metadata(model: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node stack traces and cached shapes: on a small model they are
+    most of the file, and ONNX Runtime recomputes shapes anyway."""
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    for value in (*model.graph.input, *model.graph.output):
+        del value.metadata_props[:]
+    del model.graph.value_info[:]
 
 
 def _output_names(module: torch.nn.Module, example: dict[str, torch.Tensor]) -> list[str]:
