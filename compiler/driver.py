@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
+import onnx
 import torch
 
 from qspec.backends.onnx.export import emit, lowered_module
@@ -155,12 +156,13 @@ def _latency(
 def _manifest(spec, model, calibration, graph, state: State, artifact, target: ir.Target) -> dict:
     files = [{"path": path, "sha256": _sha256_text(path)} for path in spec.files]
     layers = report.layer_entries(graph, state, artifact)
-    float_bytes = sum(t.numel() * 4 for t in graph.module.state_dict().values())
+    # What the artifact must hold besides the compressed layers: its other initializers.
+    other = _uncompressed_bytes(artifact.path, state.qmodel)
     compressed = [entry for entry in layers if entry["name"] in state.qmodel]
-    float_replaced = sum(
+    float_bytes = other + sum(
         report.float_param_bytes(graph.module.get_submodule(e["name"])) for e in compressed
     )
-    minimum = float_bytes - float_replaced + sum(entry["min_bytes"] for entry in compressed)
+    minimum = other + sum(entry["min_bytes"] for entry in compressed)
     return {
         "format_version": FORMAT_VERSION,
         "spec": {"path": spec.path, "files": files},
@@ -205,6 +207,17 @@ def _manifest(spec, model, calibration, graph, state: State, artifact, target: i
             "float_to_artifact": round(float_bytes / artifact.total_bytes, 3),
         },
     }
+
+
+def _uncompressed_bytes(path: Path, qmodel) -> int:
+    """Bytes of the artifact's initializers that belong to no compressed layer."""
+    model = onnx.load(str(path))
+    owned = tuple(f"{name}." for name in qmodel)
+    return sum(
+        onnx.numpy_helper.to_array(t).nbytes
+        for t in model.graph.initializer
+        if not t.name.startswith(owned)
+    )
 
 
 def _sha256_text(path: str) -> str:
