@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml constraints.txt
 run: install
 	$(VENV)/bin/qspec check examples/*/*.qspec
 	$(VENV)/bin/qspec fmt --check examples/*/*.qspec
+	$(VENV)/bin/qspec compile examples/minilm/int4.qspec -o build/minilm-int4 --timings
+	sed -n '1,/^## Layers/p' build/minilm-int4/report.md
 
 test: install
 	$(VENV)/bin/pytest -n 2
@@ -29,6 +31,7 @@ lint: install
 
 bench: install
 	$(PY) bench/parse.py
+	$(PY) bench/onnx_minilm.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache build bench/build *.egg-info

@@ -75,7 +75,8 @@ def load_model(source: ir.ModelSource) -> ModelSource:
         module, example = _load_exported(source.path)
     else:
         module, example = _load_hf(source.path)
-    module.eval()
+    if not isinstance(module, torch.fx.GraphModule):  # an unlifted exported program is eval
+        module.eval()
     names = tuple(example)
     return ModelSource(module, example, names, _weights_digest(module))
 
@@ -137,13 +138,74 @@ def _load_exported(word: ir.Word) -> tuple[torch.nn.Module, Batch]:
             help="export it with torch.export.export(model, args) and save with torch.export.save",
         )
     args, kwargs = program.example_inputs
-    signature = [
+    names = [
         spec.arg.name
         for spec in program.graph_signature.input_specs
         if spec.kind.name == "USER_INPUT"
     ]
-    example = {**dict(zip(signature, args, strict=False)), **kwargs}
-    return program.module(), example
+    example = {**dict(zip(names, args, strict=False)), **kwargs}
+    return _modularize(program.module()), example
+
+
+_CALLS = {
+    torch.ops.aten.linear.default: "linear",
+    torch.ops.aten.conv1d.default: "conv1d",
+    torch.ops.aten.conv2d.default: "conv2d",
+    torch.ops.aten.embedding.default: "embedding",
+}
+
+
+def _modularize(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """An exported program calls aten.linear/conv/embedding on bare parameters; give each call
+    back a real nn.Linear/Conv/Embedding module (under its parameter's owner name), so capture,
+    the passes and the backends see the same layers as for a Python model."""
+    graph = graph_module.graph
+    for node in list(graph.nodes):
+        kind = _CALLS.get(node.target) if node.op == "call_function" else None
+        weight = node.args[0 if kind == "embedding" else 1] if kind else None
+        if kind is None or getattr(weight, "op", None) != "get_attr":
+            continue
+        owner = weight.target.rpartition(".")[0]
+        bias = node.args[2] if kind != "embedding" and len(node.args) > 2 else None
+        graph_module.set_submodule(owner, _layer_module(kind, graph_module, node, bias))
+        source = node.args[1] if kind == "embedding" else node.args[0]
+        with graph.inserting_before(node):
+            call = graph.call_module(owner, (source,))
+        call.meta = dict(node.meta)
+        node.replace_all_uses_with(call)
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
+    graph._codegen = torch.fx.graph.CodeGen()  # plain named arguments, not the exporter's pytree
+    graph.lint()
+    return torch.fx.GraphModule(graph_module, graph)  # without the exporter's input hooks
+
+
+def _layer_module(kind: str, graph_module, node, bias) -> torch.nn.Module:
+    """The nn module computing `node`, holding the very same parameters."""
+    weight = graph_module.get_parameter(node.args[0 if kind == "embedding" else 1].target)
+    has_bias = getattr(bias, "op", None) == "get_attr"
+    if kind == "embedding":
+        layer: torch.nn.Module = torch.nn.Embedding(*weight.shape)
+    elif kind == "linear":
+        layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias)
+    else:
+        options = [*node.args[3:7], *(1, 0, 1, 1)[len(node.args[3:7]) :]]
+        stride, padding, dilation, groups = options
+        conv = torch.nn.Conv1d if kind == "conv1d" else torch.nn.Conv2d
+        layer = conv(
+            weight.shape[1] * groups,
+            weight.shape[0],
+            tuple(weight.shape[2:]),
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=has_bias,
+        )
+    layer.weight = weight
+    if has_bias:
+        layer.bias = graph_module.get_parameter(bias.target)
+    return layer
 
 
 def _load_hf(word: ir.Word) -> tuple[torch.nn.Module, Batch]:
@@ -225,6 +287,7 @@ def load_calibration(
             source.span,
             help="lower samples or holdout, or provide more data",
         )
+    _try_batch(model, head[0], source)
     held, labels = _last_rows(list(tail), holdout)
     digest = hashlib.sha256()
     for batch in head + held:
@@ -232,6 +295,22 @@ def load_calibration(
             digest.update(name.encode())
             digest.update(batch[name].contiguous().numpy().tobytes())
     return CalibrationData(head, held, labels, digest.hexdigest())
+
+
+def _try_batch(model: ModelSource, batch: Batch, word: ir.Word) -> None:
+    """Run the float model on one calibration batch, so a shape it cannot take is reported
+    here, at the calibration statement, rather than deep inside a pass."""
+    try:
+        with torch.no_grad():
+            model.module(**batch)
+    except Exception as error:
+        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in batch.items())
+        raise UserError(
+            f"the model fails on a calibration batch ({shapes}): {type(error).__name__}: {error}",
+            word.span,
+            help="an exported program needs dynamic shapes for a batch size other than its "
+            "example's: torch.export.export(..., dynamic_shapes=...)",
+        ) from error
 
 
 def _rows_of(batch: Batch, start: int, stop: int) -> Batch:

@@ -101,13 +101,13 @@ class SentenceEncoder(nn.Module):
 
 
 @functools.cache
-def _tokenizer() -> PreTrainedTokenizerBase:
+def tokenizer() -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(FOLDER)
 
 
 def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
     """Token ids and attention mask, padded to the longest text, truncated to 128 tokens."""
-    enc = _tokenizer()(
+    enc = tokenizer()(
         texts, padding="longest", truncation=True, max_length=MAX_LENGTH, return_tensors="pt"
     )
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
