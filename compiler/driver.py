@@ -105,7 +105,9 @@ def _compile(spec: ir.Spec, out_dir: Path, fail_under: dict[str, float], log) ->
     plan = resolve(spec, graph)
     lap("capture and resolve")
     state = run_passes(State(spec, graph, plan, calibration), PIPELINE)
-    timings.update({f"pass {name}": seconds for name, seconds in state.timings.items()})
+    for name, seconds in state.timings.items():
+        timings[f"pass {name}"] = seconds
+        log(f"pass {name}: {seconds:.1f} s")
     clock = time.perf_counter()
     target = spec.targets[0] if spec.targets else DEFAULT_TARGET
     with staged(out_dir) as stage:
