@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import platform
 import statistics
 import time
@@ -104,7 +105,10 @@ def _compile(spec: ir.Spec, out_dir: Path, fail_under: dict[str, float], log) ->
     graph = capture(model, spec.model.path)
     plan = resolve(spec, graph)
     lap("capture and resolve")
-    state = run_passes(State(spec, graph, plan, calibration), PIPELINE)
+    sequential = _sequential(spec, plan)
+    working = copy.deepcopy(graph.module) if sequential else graph.module
+    state = run_passes(State(spec, graph, plan, calibration, working), PIPELINE, sequential)
+    log(f"calibration: {'sequential, block by block' if sequential else 'parallel'}")
     for name, seconds in state.timings.items():
         timings[f"pass {name}"] = seconds
         log(f"pass {name}: {seconds:.1f} s")
@@ -138,6 +142,19 @@ def _compile(spec: ir.Spec, out_dir: Path, fail_under: dict[str, float], log) ->
     if failed:
         raise CompileFailure("fidelity below --fail-under: " + ", ".join(failed))
     return build
+
+
+def _sequential(spec: ir.Spec, plan) -> bool:
+    """Block-by-block calibration through already-compressed blocks: the spec's `mode`, else on
+    whenever a layer uses GPTQ or SparseGPT (whose updates assume the inputs they will see)."""
+    mode = spec.calibration.mode if spec.calibration else None
+    if mode is not None:
+        return mode.text == "sequential"
+    return any(
+        (p.weight and p.weight.rounding == "gptq")
+        or (p.sparsity and p.sparsity.method == "sparsegpt")
+        for p in plan.layers.values()
+    )
 
 
 def _latency(

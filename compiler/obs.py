@@ -76,12 +76,14 @@ def solve(
     percdamp: float = 0.01,
     blocksize: int = 128,
     actorder: bool = False,
+    clip: float | np.ndarray = 1.0,
 ) -> OBSResult:
     """Quantize (GPTQ), prune (SparseGPT) or both, minimising trace((W - Q) H (W - Q)^T).
 
     W: float32 [rows, cols], rows = outputs, cols = the reduction dimension. H: [cols, cols],
     X^T X (summed or averaged) of the layer's inputs. `sparsity`: `(n, m)` keeps n of every m
     consecutive columns in each row; a float in [0, 1) prunes that fraction; None does not prune.
+    `clip`: per-block range ratios for the static scales (from `search clip`).
     """
     W0 = np.asarray(W, dtype=np.float32)
     H0 = np.asarray(H, dtype=np.float64)
@@ -102,7 +104,7 @@ def solve(
         warnings.append(f"{int(dead.sum())} dead inputs (zero in diag(H)): their weights are 0")
 
     if spec is not None:  # static groups, fitted on the unpermuted weight
-        scales, zeros = fit_scales(W.astype(np.float32), spec)
+        scales, zeros = fit_scales(W.astype(np.float32), spec, clip)
     if actorder and m is not None:
         warnings.append("actorder ignored: an N:M pattern runs over consecutive columns")
         actorder = False

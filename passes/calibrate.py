@@ -1,51 +1,184 @@
-"""calibrate: stream the calibration batches through the float model and record, per layer,
-the ranges of its input and output (for static activation scales), in bounded memory."""
+"""calibrate: stream the calibration batches through the model and accumulate, for each layer in
+scope, statistics in bounded memory: input and output ranges, a histogram of |input| for
+percentile activation scales, the input mean, and the second moment XᵀX for the layers whose
+passes need it (GPTQ, search, Wanda, SparseGPT, EoRA, fine-tuning).
+
+In sequential mode the model is `state.working`, in which earlier blocks are already compressed,
+so block i+1 is calibrated on the inputs it will really see (as GPTQ and SparseGPT do).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+import sys
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
+from torch.nn import functional as F
 
+from qspec.compiler.capture import Layer
 from qspec.compiler.pipeline import State
+from qspec.compiler.resolve import LayerPlan
+
+BINS = 2048
+
+
+@dataclass
+class AbsHistogram:
+    """Histogram of |x| over [0, top): the range doubles (merging bin pairs) when it must grow."""
+
+    counts: np.ndarray = field(default_factory=lambda: np.zeros(BINS, np.int64))
+    top: float = 0.0
+
+    def update(self, values: torch.Tensor) -> None:
+        peak = float(values.max()) if values.numel() else 0.0
+        if peak <= 0:
+            self.counts[0] += values.numel()
+            return
+        if self.top == 0:
+            self.top = peak * 1.0001
+        while peak >= self.top:
+            self.counts = self.counts.reshape(-1, 2).sum(1)
+            self.counts = np.concatenate([self.counts, np.zeros(BINS // 2, np.int64)])
+            self.top *= 2
+        hist = torch.histc(values.float(), bins=BINS, min=0.0, max=self.top)
+        self.counts += hist.to(torch.int64).numpy()
+
+    def percentile(self, q: float) -> float:
+        """Upper edge of the bin holding the q-th percentile of |x|."""
+        cumulative = np.cumsum(self.counts)
+        if cumulative[-1] == 0:
+            return 0.0
+        index = int(np.searchsorted(cumulative, q / 100 * cumulative[-1]))
+        return (index + 1) * self.top / BINS
 
 
 @dataclass
 class LayerStats:
+    samples: int = 0  # rows of X seen
     input_min: float = float("inf")
     input_max: float = float("-inf")
     output_min: float = float("inf")
     output_max: float = float("-inf")
-    samples: int = 0
+    input_sum: np.ndarray | None = None  # [cols] float64
+    xtx: np.ndarray | None = None  # [cols, cols] float64, sum over rows of x xᵀ
+    histogram: AbsHistogram = field(default_factory=AbsHistogram)
 
-    def update(self, inputs: torch.Tensor, output: torch.Tensor) -> None:
-        self.input_min = min(self.input_min, float(inputs.min()))
-        self.input_max = max(self.input_max, float(inputs.max()))
-        self.output_min = min(self.output_min, float(output.min()))
-        self.output_max = max(self.output_max, float(output.max()))
-        self.samples += len(inputs)
+    @property
+    def mean_input(self) -> np.ndarray:
+        assert self.input_sum is not None
+        return self.input_sum / max(self.samples, 1)
+
+    @property
+    def hessian(self) -> np.ndarray:
+        """XᵀX / n: the H of GPTQ and EoRA."""
+        assert self.xtx is not None
+        return self.xtx / max(self.samples, 1)
+
+
+def needs_second_moment(plan: LayerPlan) -> bool:
+    weight, sparsity, lowrank = plan.weight, plan.sparsity, plan.lowrank
+    candidates = plan.candidates or ()
+    return bool(
+        (weight and (weight.rounding == "gptq" or weight.search))
+        or (sparsity and sparsity.method != "magnitude")
+        or (lowrank and (lowrank.method == "eora" or lowrank.finetune_steps))
+        or any(c.weight and c.weight.rounding == "gptq" for c in candidates)
+    )
+
+
+def input_rows(layer: Layer, module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor | None:
+    """The layer's input as rows of its weight matrix's reduction dimension (Conv: unfolded
+    patches with input channels innermost), or None when rows do not share one input (grouped
+    Conv, Embedding)."""
+    if layer.kind in ("linear", "hf_conv1d"):
+        return inputs.reshape(-1, inputs.shape[-1])
+    if layer.kind == "embedding" or layer.groups != 1:
+        return None
+    if layer.kind == "conv1d":
+        inputs = inputs.unsqueeze(-2)
+    kernel = module.kernel_size if layer.kind == "conv2d" else (1, module.kernel_size[0])
+    options = {
+        key: (value if layer.kind == "conv2d" else (1, value[0]))
+        for key, value in (
+            ("stride", module.stride),
+            ("padding", module.padding),
+            ("dilation", module.dilation),
+        )
+    }
+    patches = F.unfold(inputs, kernel, **options)  # [N, I*kh*kw, L], channel outermost
+    channels = inputs.shape[1]
+    patches = patches.reshape(patches.shape[0], channels, -1, patches.shape[-1])
+    return patches.permute(0, 3, 2, 1).reshape(-1, patches.shape[2] * channels)
+
+
+class _Done(Exception):
+    """Raised from a hook once every layer in scope has seen the batch: skip the rest."""
 
 
 def run(state: State) -> State:
-    wanted = {name for name, plan in state.plan.layers.items() if plan.compressed}
-    if not wanted:
+    plans = {n: p for n, p in state.plan.layers.items() if p.compressed or p.bias_correction}
+    scope = [n for n in (state.scope or plans) if n in plans]
+    if not scope:
         return state
-    module = state.graph.module
-    stats = {name: LayerStats() for name in wanted}
+    module = state.working
+    stats = {name: LayerStats() for name in scope}
+    modules = dict(module.named_modules())
+    seen: set[str] = set()
     hooks = []
-    for name, child in module.named_modules():
-        if name in stats:
+    for name in scope:
+        layer, plan = state.graph.layers[name], plans[name]
+        second_moment = needs_second_moment(plan)
 
-            def hook(_module, inputs, output, layer_stats: LayerStats = stats[name]) -> None:
-                layer_stats.update(inputs[0].detach().float(), output.detach().float())
+        def hook(child, inputs, output, name=name, layer=layer, second_moment=second_moment):
+            x = inputs[0].detach()
+            layer_stats = stats[name]
+            _accumulate(layer_stats, layer, child, x, output.detach().float(), second_moment)
+            seen.add(name)
+            if len(seen) == len(stats):
+                raise _Done
 
-            hooks.append(child.register_forward_hook(hook))
+        hooks.append(modules[name].register_forward_hook(hook))
+    batches = state.calibration.batches
     try:
         with torch.no_grad():
-            for batch in state.calibration.batches:
-                module(**batch)
+            for index, batch in enumerate(batches):
+                seen.clear()
+                _progress(state, index, len(batches))
+                with contextlib.suppress(_Done):
+                    module(**batch)
     finally:
         for handle in hooks:
             handle.remove()
+        _progress(state, len(batches), len(batches))
     state.stats.update(stats)
     return state
+
+
+def _accumulate(stats: LayerStats, layer: Layer, module, x, output, second_moment: bool) -> None:
+    stats.output_min = min(stats.output_min, float(output.min()))
+    stats.output_max = max(stats.output_max, float(output.max()))
+    if layer.kind == "embedding":
+        return
+    x = x.float()
+    stats.input_min = min(stats.input_min, float(x.min()))
+    stats.input_max = max(stats.input_max, float(x.max()))
+    stats.histogram.update(x.abs().flatten())
+    rows = input_rows(layer, module, x)
+    if rows is None:
+        return
+    rows64 = rows.double()
+    total = rows64.sum(0).numpy()
+    stats.input_sum = total if stats.input_sum is None else stats.input_sum + total
+    stats.samples += rows.shape[0]
+    if second_moment:
+        product = (rows64.T @ rows64).numpy()
+        stats.xtx = product if stats.xtx is None else stats.xtx + product
+
+
+def _progress(state: State, done: int, total: int) -> None:
+    if sys.stderr.isatty():
+        label = f"block {state.block}" if state.block else "calibrate"
+        end = "\n" if done == total else ""
+        print(f"\r  {label}: {done}/{total} batches", end=end, file=sys.stderr, flush=True)
