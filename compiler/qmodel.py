@@ -29,6 +29,8 @@ class CompressedLayer:
     activation: ActivationPlan | None = None
     activation_scale: float | None = None  # static activation quantization, per tensor
     activation_zero_point: int | None = None
+    output_scale: float | None = None  # static: the output's calibrated scale (QLinearConv)
+    output_zero_point: int | None = None
     notes: list[str] = field(default_factory=list)  # decisions worth reporting (searched format)
 
     def effective_weight(self) -> np.ndarray:

@@ -13,6 +13,7 @@ from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir
 import onnxscript.optimizer
@@ -73,6 +74,7 @@ def emit(graph: Graph, qmodel: QModel, target: ir.Target | None, path: Path) -> 
     except Exception as error:
         raise CompileFailure(f"ONNX export failed: {type(error).__name__}: {error}") from error
     assert program is not None
+    _narrow(program.model, _narrow_types(module, qmodel))
     _optimize(program.model, prefixes=tuple(f"{name}." for name in qmodel))
     model = program.model_proto
     model.ir_version = IR_VERSION
@@ -98,6 +100,30 @@ def _optimize(model: onnx_ir.Model, prefixes: tuple[str, ...]) -> None:
 
     with _quiet():
         onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
+
+
+def _narrow_types(module: torch.nn.Module, qmodel: QModel) -> dict[str, np.dtype]:
+    """Initializer name -> the 4-bit type a lowered module holds one code per byte of."""
+    types = {}
+    for name in qmodel:
+        for buffer, dtype in getattr(module.get_submodule(name), "narrow", {}).items():
+            types[f"{name}.{buffer}"] = np.dtype(dtype)
+    return types
+
+
+def _narrow(model: onnx_ir.Model, types: dict[str, np.dtype]) -> None:
+    """Store those initializers as INT4/UINT4, two codes per byte (low nibble first): torch has
+    no 4-bit dtype, so the exported graph carries them as int8/uint8 until here. Done before
+    the optimizer, whose initializer deduplication compares types."""
+    initializers = model.graph.initializers
+    missing = sorted(set(types) - set(initializers))
+    if missing:
+        raise CompileFailure(f"ONNX export lost the 4-bit initializers {', '.join(missing)}")
+    for name, dtype in types.items():
+        value = initializers[name]
+        assert value.const_value is not None
+        value.const_value = onnx_ir.tensor(value.const_value.numpy().astype(dtype), name=name)
+        value.dtype = onnx_ir.DataType.from_numpy(dtype)
 
 
 def _strip_metadata(model: onnx.ModelProto) -> None:

@@ -184,7 +184,130 @@ def _split_fields(word, bits: int, count: int, onnx_type: int, shape: list[int])
     return op.Reshape(op.Concat(*fields, axis=-1), op.Constant(value_ints=shape))
 
 
+# ---- standard quantization operators (DequantizeLinear, QuantizeLinear) -------------------------
+
+
+@torch.library.custom_op("qspec::dequantize", mutates_args=())
+def dequantize(
+    codes: Tensor, scale: Tensor, zero_point: Tensor | None, axis: int, block: int
+) -> Tensor:
+    """DequantizeLinear: (codes - zero point) * scale in float32, the scale (and zero point)
+    scalar, per `axis` (block 0) or per `block` elements along `axis` (opset 21 blocking).
+    4-bit codes are held one per int8/uint8 here and stored as INT4/UINT4 by the exporter."""
+    return _dequantize(codes, scale, zero_point, axis, block)
+
+
+def _dequantize(codes: Tensor, scale: Tensor, zero_point: Tensor | None, axis: int, block: int):
+    values = codes.float()
+    if zero_point is not None:
+        values = values - _along(zero_point.float(), codes.shape, axis, block)
+    return values * _along(scale, codes.shape, axis, block)
+
+
+def _along(values: Tensor, shape: torch.Size, axis: int, block: int) -> Tensor:
+    """Scale or zero point broadcast to the data's shape, as DequantizeLinear reads it."""
+    if values.dim() == 0:
+        return values
+    if block == 0:
+        view = [1] * len(shape)
+        view[axis] = -1
+        return values.reshape(view)
+    return values.repeat_interleave(block, dim=axis).narrow(axis, 0, shape[axis])
+
+
+@dequantize.register_fake
+def _(codes, scale, zero_point, axis, block):
+    return scale.new_empty(codes.shape)
+
+
+def dequantize_onnx(codes, scale, zero_point, axis: int, block: int):
+    return op.DequantizeLinear(codes, scale, zero_point, axis=axis, block_size=block)
+
+
+@torch.library.custom_op("qspec::fake_quantize", mutates_args=())
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+    """QuantizeLinear then DequantizeLinear with a per-tensor scale and an int8 or uint8 zero
+    point (its dtype sets the range): ONNX Runtime turns the pair into integer kernel inputs."""
+    info = torch.iinfo(zero_point.dtype)
+    return _fake_quantize(x, scale, zero_point.float(), info.min, info.max)
+
+
+def _fake_quantize(x: Tensor, scale: Tensor, zero: Tensor, low: int, high: int) -> Tensor:
+    """Round half to even (torch.round), as QuantizeLinear does, then saturate."""
+    return (torch.clamp(torch.round(x / scale) + zero, low, high) - zero) * scale
+
+
+@fake_quantize.register_fake
+def _(x, scale, zero_point):
+    return torch.empty_like(x)
+
+
+def fake_quantize_onnx(x, scale, zero_point):
+    return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero_point), scale, zero_point)
+
+
+# ---- DynamicQuantizeMatMul ---------------------------------------------------------------------
+
+
+@torch.library.custom_op("qspec::dynamic_quantize_matmul", mutates_args=())
+def dynamic_quantize_matmul(
+    x: Tensor, b: Tensor, b_scale: Tensor, b_zero_point: Tensor | None, bias: Tensor | None
+) -> Tensor:
+    """y = x' @ B + bias with B [K, N] = (b - zero point) * scale per column (or tensor) and x'
+    x quantized as ONNX Runtime's DynamicQuantizeLinear does, whatever the spec's activation
+    format: uint8 with a zero point, range [min(x, 0), max(x, 0)] of the whole tensor."""
+    low, high = torch.clamp(x.min(), max=0), torch.clamp(x.max(), min=0)
+    scale = torch.where(high > low, (high - low) / 255, torch.ones_like(high))
+    zero = torch.clamp(torch.round(-low / scale), 0, 255)
+    y = _fake_quantize(x, scale, zero, 0, 255) @ _dequantize(b, b_scale, b_zero_point, 1, 0)
+    return y if bias is None else y + bias
+
+
+@dynamic_quantize_matmul.register_fake
+def _(x, b, b_scale, b_zero_point, bias):
+    return x.new_empty(*x.shape[:-1], b.shape[1])
+
+
+def dynamic_quantize_matmul_onnx(x, b, b_scale, b_zero_point, bias):
+    return MS.DynamicQuantizeMatMul(x, b, b_scale, b_zero_point, bias)
+
+
+# ---- GatherBlockQuantized ----------------------------------------------------------------------
+
+
+@torch.library.custom_op("qspec::gather_block_quantized", mutates_args=())
+def gather_block_quantized(
+    data: Tensor, indices: Tensor, scales: Tensor, zero_points: Tensor | None, block: int
+) -> Tensor:
+    """Rows of a 4-bit table: data [rows, cols/2] two codes per byte (low nibble first), scales
+    [rows, blocks] along the row, zero points packed like data (default 8)."""
+    cols = data.shape[1] * 2
+    codes = unpack_codes(data[indices], 4).float()
+    scale = scales[indices]
+    if zero_points is None:
+        zero = torch.full_like(scale, 8.0)
+    else:
+        zero = unpack_codes(zero_points[indices], 4)[..., : scales.shape[1]].float()
+    return (codes - expand_blocks(zero, block, cols)) * expand_blocks(scale, block, cols)
+
+
+@gather_block_quantized.register_fake
+def _(data, indices, scales, zero_points, block):
+    return scales.new_empty(*indices.shape, data.shape[1] * 2)
+
+
+def gather_block_quantized_onnx(data, indices, scales, zero_points, block: int):
+    return MS.GatherBlockQuantized(
+        data, indices, scales, zero_points, bits=4, block_size=block, gather_axis=0,
+        quantize_axis=1,
+    )  # fmt: skip
+
+
 TABLE = {
     torch.ops.qspec.matmul_nbits.default: matmul_nbits_onnx,
     torch.ops.qspec.decode_weight.default: decode_weight_onnx,
+    torch.ops.qspec.dequantize.default: dequantize_onnx,
+    torch.ops.qspec.fake_quantize.default: fake_quantize_onnx,
+    torch.ops.qspec.dynamic_quantize_matmul.default: dynamic_quantize_matmul_onnx,
+    torch.ops.qspec.gather_block_quantized.default: gather_block_quantized_onnx,
 }

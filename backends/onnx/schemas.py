@@ -1,24 +1,30 @@
 """Schemas of the com.microsoft operators qspec emits, so that onnxscript can build them.
 
 ONNX Runtime implements these contrib operators, but the onnx package ships no schema for them;
-the exporter's translation functions need one to type-check the call. Registered once.
+the exporter's translation functions need one to type-check the call, and the checker one to
+check the model. Types and attribute defaults are ONNX Runtime 1.32's (`onnxruntime.capi.
+onnxruntime_pybind11_state.get_all_operator_schema()`). Registered once.
 """
 
 from functools import cache
 
-from onnx import defs
+from onnx import defs, helper
 from onnx.defs import OpSchema
 
 DOMAIN = "com.microsoft"
 _IN = OpSchema.FormalParameter
 _OPTIONAL = OpSchema.FormalParameterOption.Optional
 _INT = OpSchema.AttrType.INT
+_FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]
+_FLOAT8 = [f"tensor(float8{kind})" for kind in ("e4m3fn", "e4m3fnuz", "e5m2", "e5m2fnuz")]
+_FLOAT4 = "tensor(float4e2m1)"
 
 
-def _attribute(name: str, required: bool = True) -> OpSchema.Attribute:
-    if required:
+def _attribute(name: str, default: int | None = None) -> OpSchema.Attribute:
+    """An int attribute: required without a default, else optional with ONNX Runtime's default."""
+    if default is None:
         return OpSchema.Attribute(name, _INT, "")
-    return OpSchema.Attribute(name, OpSchema.AttrType.INT, "", required=False)
+    return OpSchema.Attribute(name, helper.make_attribute(name, default), "")
 
 
 def _optional(name: str, type_name: str) -> OpSchema.FormalParameter:
@@ -40,17 +46,18 @@ SCHEMAS = (
         ],
         outputs=[_IN("Y", "T1")],
         type_constraints=[
-            ("T1", ["tensor(float)", "tensor(float16)"], ""),
+            ("T1", _FLOATS, ""),
             ("T2", ["tensor(uint8)"], ""),
-            ("T3", ["tensor(uint8)", "tensor(float)", "tensor(float16)"], ""),
+            ("T3", ["tensor(uint8)", *_FLOATS], ""),
             ("T4", ["tensor(int32)"], ""),
         ],
         attributes=[
             _attribute("K"),
             _attribute("N"),
-            _attribute("bits"),
+            _attribute("bits", 4),
             _attribute("block_size"),
-            _attribute("accuracy_level", required=False),
+            _attribute("accuracy_level", 0),
+            _attribute("weight_prepacked", 0),
         ],
     ),
     OpSchema(
@@ -65,15 +72,15 @@ SCHEMAS = (
         ],
         outputs=[_IN("output", "T2")],
         type_constraints=[
-            ("T1", ["tensor(uint8)", "tensor(int4)", "tensor(uint4)"], ""),
-            ("T2", ["tensor(float)", "tensor(float16)"], ""),
+            ("T1", ["tensor(int4)", "tensor(uint4)", "tensor(uint8)", *_FLOAT8, _FLOAT4], ""),
+            ("T2", _FLOATS, ""),
             ("Tind", ["tensor(int32)", "tensor(int64)"], ""),
         ],
         attributes=[
-            _attribute("bits", required=False),
-            _attribute("block_size", required=False),
-            _attribute("gather_axis", required=False),
-            _attribute("quantize_axis", required=False),
+            _attribute("bits", 4),
+            _attribute("block_size", 128),
+            _attribute("gather_axis", 0),
+            _attribute("quantize_axis", 1),
         ],
     ),
     OpSchema(
