@@ -22,8 +22,10 @@ operators that export to what ONNX Runtime executes. `lower` is the table of cho
 |           | (fp4, nf4, int3, 8-bit    |                     | then MatMul/Conv/Gather         |
 |           | Embedding, ...)           |                     |                                 |
 
-"Linear" includes Hugging Face Conv1D. Every other combination raises `unsupported`, and so do
-low-rank branches and sparse float weights for now.
+"Linear" includes Hugging Face Conv1D. Every other combination raises `unsupported`. Sparse
+weights without a format are the float layer with its zeros stored. A low-rank branch (Linear
+only) adds MatMul(MatMul(x, Aᵀ), Bᵀ) to the layer's output, fp16 factors or int8 ones decoded
+in the graph.
 
 NBits blocks (MatMulNBits, GatherBlockQuantized) are a power of two from 16 to 256: a group size
 that is not, or channel and tensor scales, use the largest such block that divides the reduction
@@ -45,6 +47,8 @@ fused a MatMul only when it was the QuantizeLinear's sole reader, so layers shar
 
 from __future__ import annotations
 
+import copy
+
 import ml_dtypes
 import numpy as np
 import torch
@@ -52,9 +56,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from qspec.backends.onnx import ops  # noqa: F401  (registers the custom operators)
-from qspec.compiler.capture import Layer
+from qspec.compiler.capture import Layer, unmatrix
 from qspec.compiler.errors import UserError
-from qspec.compiler.numerics import Quantized, code_values, pack
+from qspec.compiler.formats import WEIGHT_FORMATS
+from qspec.compiler.numerics import Quantized, QuantSpec, code_values, pack, quantize
 from qspec.compiler.qmodel import CompressedLayer
 
 NBITS_BLOCKS = (256, 128, 64, 32, 16)
@@ -62,6 +67,7 @@ FLOAT8 = {
     "fp8_e4m3": (torch.float8_e4m3fn, "FLOAT8E4M3FN"),
     "fp8_e5m2": (torch.float8_e5m2, "FLOAT8E5M2"),
 }
+FACTOR_SPEC = QuantSpec(WEIGHT_FORMATS["int8"], "channel")  # `factors int8`: per-row scales
 ACTIVATION_OFFSET = {"int8": 128, "uint8": 0}  # zero point shift to uint8, see the docstring
 
 
@@ -78,17 +84,24 @@ def unsupported(
 
 def lower(compressed: CompressedLayer, original: nn.Module) -> tuple[nn.Module, str]:
     """The module that replaces a compressed layer, and the name of what it emits."""
-    weight = compressed.weight
-    if compressed.lowrank is not None:
-        why = "low-rank branches are not emitted yet: drop `compensate lora` for this target"
+    main, emitted = _lower_main(compressed, original)
+    if compressed.lowrank is None:
+        return main, emitted
+    if _kind(compressed.layer) != "linear":
+        why = "the low-rank branch is emitted for Linear layers"
         raise unsupported(compressed, "lora", "low-rank compensation", why)
+    branch = LowRankBranch(main, compressed)
+    return branch, f"{emitted} + low-rank r{branch.rank} ({compressed.plan.lowrank.factors})"
+
+
+def _lower_main(compressed: CompressedLayer, original: nn.Module) -> tuple[nn.Module, str]:
+    weight = compressed.weight
     if weight is None:
         if compressed.activation is not None:
             why = "the integer kernels need int8 weights: add `weight int8 channel`"
             raise unsupported(compressed, "activation", "quantized activations alone", why)
         if compressed.mask is not None:
-            why = "sparse float weights are not emitted yet: add a weight format"
-            raise unsupported(compressed, "sparsity", "sparsity without a weight format", why)
+            return _sparse_float(compressed, original), "float (sparse: zeros stored)"
         return original, "float"  # only bias correction, of a weight left as it was
     if compressed.activation is not None:
         return _lower_quantized_activations(compressed, original)
@@ -106,6 +119,54 @@ def lower(compressed: CompressedLayer, original: nn.Module) -> tuple[nn.Module, 
         return module, f"DequantizeLinear {module.element}+{module.onnx_op}"
     decoded = DecodedLayer(compressed, original)
     return decoded, f"decode+{decoded.onnx_op}"
+
+
+def _sparse_float(compressed: CompressedLayer, original: nn.Module) -> nn.Module:
+    """The layer itself with its pruned (and SparseGPT-updated) weight: the zeros are stored."""
+    module = copy.deepcopy(original)
+    weight = torch.from_numpy(compressed.effective_weight())
+    with torch.no_grad():
+        module.weight.copy_(unmatrix(compressed.layer, weight))
+    return module
+
+
+class LowRankBranch(nn.Module):
+    """y = main(x) + (x Aᵀ) Bᵀ: the compensation path beside the compressed layer. fp16 factors
+    are fp16 initializers cast to float (ONNX Runtime folds the cast at load); int8 factors are
+    int8 codes with a scale per row, decoded in the graph."""
+
+    def __init__(self, main: nn.Module, compressed: CompressedLayer):
+        super().__init__()
+        assert compressed.lowrank is not None and compressed.plan.lowrank is not None
+        self.main = main
+        up, down = compressed.lowrank  # B [rows, r], A [r, cols]
+        self.rank = down.shape[0]
+        self.up = _Factor(up, compressed.plan.lowrank.factors)
+        self.down = _Factor(down, compressed.plan.lowrank.factors)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x) + F.linear(F.linear(x, self.down.weight()), self.up.weight())
+
+
+class _Factor(nn.Module):
+    def __init__(self, factor: np.ndarray, storage: str):
+        super().__init__()
+        self.storage = storage
+        if storage == "fp16":
+            self.register_buffer("values", torch.from_numpy(factor.astype(np.float16)))
+            return
+        quantized = quantize(factor.astype(np.float32), FACTOR_SPEC)
+        self.cols = factor.shape[1]
+        self.register_buffer("packed", _tensor(quantized.codes))
+        self.register_buffer("scales", _tensor(quantized.scales))
+        self.register_buffer("codebook", _tensor(code_values(FACTOR_SPEC.format)))
+
+    def weight(self) -> torch.Tensor:
+        if self.storage == "fp16":
+            return self.values.float()
+        return torch.ops.qspec.decode_weight(
+            self.packed, self.scales, None, self.codebook, self.cols, 8, self.cols
+        )
 
 
 def _lower_quantized_activations(
