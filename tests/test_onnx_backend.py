@@ -38,7 +38,7 @@ from qspec.compiler.errors import UserError
 from qspec.compiler.formats import WEIGHT_FORMATS
 from qspec.compiler.numerics import Quantized, QuantSpec, nbytes, quantize
 from qspec.compiler.qmodel import CompressedLayer, QModel
-from qspec.compiler.resolve import ActivationPlan, LayerPlan
+from qspec.compiler.resolve import ActivationPlan, LayerPlan, LowRankPlan
 from qspec.dsl import ir
 from qspec.passes.quantize import static_scale
 
@@ -252,7 +252,11 @@ def reference(compressed: CompressedLayer, module: nn.Module, x: np.ndarray) -> 
     x = x.astype(np.float64)
     if activation is not None and activation.granularity == "token":
         spec = quantized.spec
-        x = int8_rows(x, nbits_block(spec.granularity, spec.group_size, x.shape[-1]))
+        per_row = spec.format.bits == 8  # MatMulInteger; else MatMulNBits level 4, per block
+        block = (
+            x.shape[-1] if per_row else nbits_block(spec.granularity, spec.group_size, x.shape[-1])
+        )
+        x = int8_rows(x, block)
     elif activation is not None and activation.dynamic:
         x = dynamic_uint8(x.astype(np.float32)).astype(np.float64)
     elif activation is not None:
@@ -467,7 +471,7 @@ def test_linear_with_int8_activations(tmp_path: Path):
         (Case("int8", "tensor", activation=INT8_STATIC), "x", "MatMulIntegerToFloat"),
         (Case("int8", "channel", activation=INT8_STATIC), "x0", "QGemm"),
         (Case("uint8", "tensor", None, False, activation=UINT8_STATIC), "x0", "QGemm"),
-        (Case("int8", "channel", activation=INT8_TOKEN), "x", "MatMulNBits"),
+        (Case("int8", "channel", activation=INT8_TOKEN), "x", "MatMulInteger"),
         (Case("int4", "group", 32, activation=INT8_TOKEN), "x", "MatMulNBits"),
         (Case("uint4", "group", 16, False, activation=INT8_TOKEN), "x0", "MatMulNBits"),
     ]
@@ -485,8 +489,10 @@ def test_linear_with_int8_activations(tmp_path: Path):
     kernels = Counter(kernel for _, _, kernel in layers)
     for kernel, count in kernels.items():
         assert run.optimized[kernel] == count, (kernel, run.optimized)
-    # left over: the int32 bias of the three static layers on 3-D inputs, added after the kernel
-    assert run.optimized["DequantizeLinear"] == run.optimized["Add"] == 3
+    # left over: the int32 bias of the three static layers on 3-D inputs, added after the kernel,
+    # and the per-token layer's +128 code offset and float bias
+    assert run.optimized["DequantizeLinear"] == 3
+    assert run.optimized["Add"] == 5
     emitted = run.emitted()
     assert emitted[0] == "DynamicQuantizeMatMul"
     assert emitted[3] == "QDQ MatMul (MatMulIntegerToFloat/QGemm)"
@@ -552,18 +558,43 @@ def test_what_onnx_runtime_cannot_run_is_an_error_at_the_spec_line(kind: str, ca
     assert caught.value.diagnostic.span == ACTIVATION_SPAN
 
 
-def test_what_this_backend_does_not_emit_yet_is_an_error():
+def test_what_this_backend_cannot_emit_is_an_error():
     module = nn.Linear(32, 8)
     compressed = compress("layer", module, Case("int8", activation=INT8_STATIC), torch.randn(4, 32))
     compressed.weight = None
     with pytest.raises(UserError, match="quantized activations alone"):
         lower(compressed, module)
-    compressed.activation, compressed.mask = None, np.ones((8, 32), bool)
-    with pytest.raises(UserError, match="sparsity without a weight format"):
-        lower(compressed, module)
-    compressed.lowrank = (np.zeros((8, 2), np.float16), np.zeros((2, 32), np.float16))
+    conv = nn.Conv2d(16, 8, 3)
+    compressed = compress("conv", conv, Case("int8"), torch.randn(2, 16, 5, 5))
+    compressed.lowrank = (np.zeros((8, 2), np.float16), np.zeros((2, 144), np.float16))
     with pytest.raises(UserError, match="low-rank compensation"):
-        lower(compressed, module)
+        lower(compressed, conv)
+
+
+def run_onnx(tmp_path: Path, module: nn.Module, compressed: CompressedLayer, x: torch.Tensor):
+    """One compressed layer exported alone, run by ONNX Runtime."""
+    holder = nn.Sequential(module).eval()
+    graph = Graph(holder, {"input": x}, ("input",), {"0": compressed.layer}, "export")
+    path = tmp_path / f"{id(compressed)}.onnx"
+    emit(graph, {"0": compressed}, None, path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x.numpy()})[0]
+
+
+def test_low_rank_branch_and_sparse_float_weights_run_in_onnx(tmp_path: Path):
+    module = nn.Linear(64, 32)
+    x = torch.randn(5, 64)
+    compressed = compress("layer", module, Case("int4", "group", 32, symmetric=False), x)
+    rng = np.random.default_rng(0)
+    up, down = rng.normal(size=(32, 4)), rng.normal(size=(4, 64))
+    compressed.lowrank = (up.astype(np.float16), down.astype(np.float16))
+    object.__setattr__(compressed.plan, "lowrank", LowRankPlan(4, "svd", 0, "fp16"))
+    expected = x.numpy() @ compressed.effective_weight().T + compressed.bias
+    np.testing.assert_allclose(run_onnx(tmp_path, module, compressed, x), expected, atol=1e-4)
+    sparse = compress("layer", module, Case("int8"), x)
+    sparse.weight, sparse.mask = None, rng.random((32, 64)) > 0.5
+    expected = x.numpy() @ sparse.effective_weight().T + sparse.bias
+    np.testing.assert_allclose(run_onnx(tmp_path, module, sparse, x), expected, atol=1e-5)
 
 
 # ---- sizes and end to end ----------------------------------------------------------------------

@@ -4,7 +4,9 @@ operators that export to what ONNX Runtime executes. `lower` is the table of cho
 | layer     | weight                    | activation          | emitted (kernel ORT runs)       |
 |-----------|---------------------------|---------------------|---------------------------------|
 | Linear    | int/uint 2/4/8, NBits blk | none                | MatMulNBits                     |
-| Linear    | int/uint 2/4/8, NBits blk | int8 token dynamic  | MatMulNBits, accuracy level 4   |
+| Linear    | int/uint 8 channel/tensor | int8 token dynamic  | per-row quantize, MatMulInteger |
+|           |                           |                     | (uint8 x uint8), rescale        |
+| Linear    | int/uint 2/4, NBits block | int8 token dynamic  | MatMulNBits, accuracy level 4   |
 | Linear    | int/uint 8 channel/tensor | int8/uint8 tensor   | DynamicQuantizeMatMul           |
 |           |                           | dynamic             |                                 |
 | Linear    | int/uint 8 channel/tensor | int8/uint8 tensor   | Q/DQ input, DQ weight, DQ int32 |
@@ -181,8 +183,11 @@ def _lower_quantized_activations(
     if activation.format not in ACTIVATION_OFFSET:
         why = "ONNX Runtime has no fp8 matmul or convolution kernel here: use int8 activations"
         raise unsupported(compressed, "activation", f"{activation.format} activations", why)
+    eight_bit = spec.format.is_integer and spec.format.bits == 8 and spec.granularity != "group"
     if activation.granularity == "token":
         level4 = activation.format == "int8" and activation.dynamic and activation.symmetric
+        if level4 and eight_bit and kind == "linear":
+            return RowQuantizedLinear(compressed), "MatMulInteger (per-token int8)"
         nbits = kind == "linear" and spec.format.is_integer and spec.format.bits in (2, 4, 8)
         block = _nbits_block(compressed)
         if level4 and nbits and block is not None:
@@ -409,6 +414,21 @@ class DynamicQuantizeLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.qspec.dynamic_quantize_matmul(
+            x, self.codes, self.scale, self.zero_point, self.bias
+        )
+
+
+class RowQuantizedLinear(nn.Module):
+    """y = x W^T + b with x quantized per row (token) at run time: elementwise ops around one
+    uint8 x uint8 MatMulInteger, W [K, N] uint8 with zero points and scales per column."""
+
+    def __init__(self, compressed: CompressedLayer):
+        super().__init__()
+        DequantizedWeight(compressed, unsigned=True).register(self)
+        self.register_buffer("bias", _tensor(compressed.bias))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qspec.matmul_integer_rows(
             x, self.codes, self.scale, self.zero_point, self.bias
         )
 

@@ -7,6 +7,7 @@ tests) and exported with `torch.onnx.export(dynamo=True, custom_translation_tabl
 No `from __future__ import annotations` here: torch.library reads the annotations.
 """
 
+import onnx
 import torch
 from onnxscript import opset21 as op
 from onnxscript.values import Opset
@@ -272,6 +273,42 @@ def dynamic_quantize_matmul_onnx(x, b, b_scale, b_zero_point, bias):
     return MS.DynamicQuantizeMatMul(x, b, b_scale, b_zero_point, bias)
 
 
+# ---- per-token dynamic int8: MatMulInteger ------------------------------------------------------
+
+
+@torch.library.custom_op("qspec::matmul_integer_rows", mutates_args=())
+def matmul_integer_rows(
+    x: Tensor, b: Tensor, b_scale: Tensor, b_zero_point: Tensor, bias: Tensor | None
+) -> Tensor:
+    """y = x' @ B + bias, x' = x quantized per row (per token): scale absmax/127, codes
+    round(x / scale) + 128 in uint8 (zero point 128, a symmetric grid), B [K, N] uint8 with zero
+    points and scales per column (or tensor). In ONNX: one MatMulInteger (uint8 x uint8, exact
+    on every CPU) between elementwise quantize and rescale."""
+    scale = x.abs().amax(-1, keepdim=True) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    x_q = _fake_quantize(x, scale, torch.full_like(scale, 128.0), 0, 255)
+    y = x_q @ _dequantize(b, b_scale, b_zero_point, 1, 0)
+    return y if bias is None else y + bias
+
+
+@matmul_integer_rows.register_fake
+def _(x, b, b_scale, b_zero_point, bias):
+    return x.new_empty(*x.shape[:-1], b.shape[1])
+
+
+def matmul_integer_rows_onnx(x, b, b_scale, b_zero_point, bias):
+    zero = op.Constant(value_float=0.0)
+    peak = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
+    scale = op.Div(peak, op.Constant(value_float=127.0))
+    scale = op.Where(op.Greater(scale, zero), scale, op.Constant(value_float=1.0))
+    codes = op.Add(op.Round(op.Div(x, scale)), op.Constant(value_float=128.0))
+    codes = op.Cast(op.Clip(codes, zero, op.Constant(value_float=255.0)), to=2)
+    a_zero = op.Constant(value=onnx.helper.make_tensor("a_zero", onnx.TensorProto.UINT8, [], [128]))
+    y = op.Cast(op.MatMulInteger(codes, b, a_zero, b_zero_point), to=1)
+    y = op.Mul(op.Mul(y, scale), b_scale)
+    return y if bias is None else op.Add(y, bias)
+
+
 # ---- GatherBlockQuantized ----------------------------------------------------------------------
 
 
@@ -309,5 +346,6 @@ TABLE = {
     torch.ops.qspec.dequantize.default: dequantize_onnx,
     torch.ops.qspec.fake_quantize.default: fake_quantize_onnx,
     torch.ops.qspec.dynamic_quantize_matmul.default: dynamic_quantize_matmul_onnx,
+    torch.ops.qspec.matmul_integer_rows.default: matmul_integer_rows_onnx,
     torch.ops.qspec.gather_block_quantized.default: gather_block_quantized_onnx,
 }
