@@ -7,6 +7,7 @@ from pathlib import Path
 from torch import nn
 
 from qspec.compiler.capture import Graph
+from qspec.compiler.lowrank import factor_bytes
 from qspec.compiler.numerics import nbytes
 from qspec.compiler.pipeline import State
 from qspec.compiler.qmodel import quant_spec
@@ -58,8 +59,9 @@ def layer_entries(graph: Graph, state: State, artifact) -> list[dict]:
             minimum = 0
             if compressed.weight is not None and plan.weight is not None:
                 minimum += nbytes(quant_spec(plan.weight), (layer.rows, layer.cols))["total"]
-            if compressed.lowrank is not None:
-                minimum += sum(f.size * 2 for f in compressed.lowrank)
+            if compressed.lowrank is not None and plan.lowrank is not None:
+                rank = compressed.lowrank[1].shape[0]
+                minimum += factor_bytes(layer.rows, layer.cols, rank, plan.lowrank.factors)
             if compressed.bias is not None:
                 minimum += compressed.bias.size * 4
             emitted = artifact.emitted[name]

@@ -1,7 +1,7 @@
 """calibrate: stream the calibration batches through the model and accumulate, for each layer in
 scope, statistics in bounded memory: input and output ranges, a histogram of |input| for
-percentile activation scales, the input mean, and the second moment XᵀX for the layers whose
-passes need it (GPTQ, search, Wanda, SparseGPT, EoRA, fine-tuning).
+percentile activation scales, per-channel input absmax, the input mean, and the second moment
+XᵀX for the layers whose passes need it (GPTQ, search, Wanda, SparseGPT, EoRA, fine-tuning).
 
 In sequential mode the model is `state.working`, in which earlier blocks are already compressed,
 so block i+1 is calibrated on the inputs it will really see (as GPTQ and SparseGPT do).
@@ -62,6 +62,7 @@ class LayerStats:
     output_min: float = float("inf")
     output_max: float = float("-inf")
     input_sum: np.ndarray | None = None  # [cols] float64
+    input_absmax: np.ndarray | None = None  # [cols]: per input channel (and kernel position)
     xtx: np.ndarray | None = None  # [cols, cols] float64, sum over rows of x xᵀ
     histogram: AbsHistogram = field(default_factory=AbsHistogram)
 
@@ -171,6 +172,10 @@ def _accumulate(stats: LayerStats, layer: Layer, module, x, output, second_momen
     rows64 = rows.double()
     total = rows64.sum(0).numpy()
     stats.input_sum = total if stats.input_sum is None else stats.input_sum + total
+    peak = rows.abs().amax(0).numpy()
+    stats.input_absmax = (
+        peak if stats.input_absmax is None else np.maximum(stats.input_absmax, peak)
+    )
     stats.samples += rows.shape[0]
     if second_moment:
         product = (rows64.T @ rows64).numpy()

@@ -159,10 +159,20 @@ def _quiet() -> Iterator[None]:
 
 
 def _layer_bytes(model: onnx.ModelProto, qmodel: QModel) -> dict[str, int]:
+    """Bytes of each compressed layer's initializers: every tensor under its name (the lowered
+    module's own buffers and those of nested ones, such as a low-rank branch's factors)."""
     sizes = {name: 0 for name in qmodel}
     for tensor in model.graph.initializer:
-        owner = tensor.name.rsplit(".", 1)[0]
-        if owner in sizes:
+        parts = tensor.name.split(".")
+        owner = next(
+            (
+                ".".join(parts[:i])
+                for i in range(len(parts) - 1, 0, -1)
+                if ".".join(parts[:i]) in sizes
+            ),
+            None,
+        )
+        if owner is not None:
             sizes[owner] += len(tensor.raw_data) or _nbytes(tensor)
     return sizes
 
