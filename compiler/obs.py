@@ -77,19 +77,22 @@ def solve(
     blocksize: int = 128,
     actorder: bool = False,
     clip: float | np.ndarray = 1.0,
+    keep: np.ndarray | None = None,
 ) -> OBSResult:
     """Quantize (GPTQ), prune (SparseGPT) or both, minimising trace((W - Q) H (W - Q)^T).
 
     W: float32 [rows, cols], rows = outputs, cols = the reduction dimension. H: [cols, cols],
     X^T X (summed or averaged) of the layer's inputs. `sparsity`: `(n, m)` keeps n of every m
     consecutive columns in each row; a float in [0, 1) prunes that fraction; None does not prune.
-    `clip`: per-block range ratios for the static scales (from `search clip`).
+    `clip`: per-block range ratios for the static scales (from `search clip`). `keep`: a mask
+    chosen beforehand (magnitude, Wanda) that GPTQ must respect: its zeros stay zero while their
+    error is spread over the kept weights.
     """
     W0 = np.asarray(W, dtype=np.float32)
     H0 = np.asarray(H, dtype=np.float64)
     rows, cols = _check(W0, H0, percdamp, blocksize)
     n, m, ratio = _pattern(sparsity, cols)
-    prunes = (m is not None and n < m) or (ratio is not None and ratio > 0)
+    prunes = (m is not None and n < m) or (ratio is not None and ratio > 0) or keep is not None
     if spec is None and not prunes:  # nothing to do: W unchanged
         mask = None if sparsity is None else np.ones((rows, cols), bool)
         return OBSResult(None, W0.copy(), mask, 0.0, [])
@@ -120,7 +123,7 @@ def solve(
     if m is not None:
         blocksize = max(m, blocksize // m * m)  # m-groups never straddle blocks
     Q = np.zeros_like(W)
-    mask = np.ones((rows, cols), bool)
+    mask = np.ones((rows, cols), bool) if keep is None else keep[:, perm].copy()
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -152,7 +155,7 @@ def solve(
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     inverse = np.argsort(perm)
-    mask = mask[:, inverse] if sparsity is not None else None
+    mask = mask[:, inverse] if sparsity is not None or keep is not None else None
     if spec is None:
         return OBSResult(None, Q[:, inverse].astype(np.float32), mask, damp, warnings)
 

@@ -45,7 +45,7 @@ def run(state: State) -> State:
         mask = state.masks.get(name)
         quantized = None
         if plan.weight is not None:
-            quantized, joint_mask = _round(plan, weight, hessian, notes)
+            quantized, joint_mask = _round(plan, weight, hessian, notes, mask)
             mask = joint_mask if joint_mask is not None else mask
         bias = getattr(module, "bias", None)
         compressed = CompressedLayer(
@@ -71,9 +71,14 @@ def run(state: State) -> State:
 
 
 def _round(
-    plan: LayerPlan, weight: np.ndarray, hessian: np.ndarray | None, notes: list[str]
+    plan: LayerPlan,
+    weight: np.ndarray,
+    hessian: np.ndarray | None,
+    notes: list[str],
+    mask: np.ndarray | None,
 ) -> tuple[Quantized, np.ndarray | None]:
-    """The quantized weight and, in SparseGPT's joint mode, the mask chosen with it."""
+    """The quantized weight and, in SparseGPT's joint mode, the mask chosen with it. A mask from
+    the sparsify pass is kept: GPTQ leaves its zeros at zero."""
     assert plan.weight is not None
     spec = quant_spec(plan.weight)
     if "format" in plan.weight.search:
@@ -100,6 +105,7 @@ def _round(
         percdamp=plan.weight.damp,
         actorder=plan.weight.actorder,
         clip=clip,
+        keep=mask if sparsity is None else None,
     )
     notes.extend(result.warnings)
     assert result.quantized is not None
