@@ -173,7 +173,7 @@ def _latency(
 
 
 def _manifest(spec, model, calibration, graph, state: State, artifact, target: ir.Target) -> dict:
-    files = [{"path": path, "sha256": _sha256_text(path)} for path in spec.files]
+    files = [{"path": path, "sha256": sha256_file(Path(path))} for path in spec.files]
     layers = report.layer_entries(graph, state, artifact)
     # What the artifact must hold besides the compressed layers: its other initializers.
     other = _uncompressed_bytes(artifact.path, state.qmodel)
@@ -237,10 +237,6 @@ def _uncompressed_bytes(path: Path, qmodel) -> int:
         for t in model.graph.initializer
         if not t.name.startswith(owned)
     )
-
-
-def _sha256_text(path: str) -> str:
-    return sha256_file(Path(path))
 
 
 def _version(package: str) -> str:

@@ -33,11 +33,15 @@ class CompressedLayer:
     output_zero_point: int | None = None
     notes: list[str] = field(default_factory=list)  # decisions worth reporting (searched format)
 
+    def compressed_weight(self) -> np.ndarray:
+        """[rows, cols] float32: the quantized (or masked float) weight, before low rank."""
+        if self.weight is not None:
+            return self.weight.dequantize()
+        return self.float_weight if self.mask is None else self.float_weight * self.mask
+
     def effective_weight(self) -> np.ndarray:
         """[rows, cols] float32 weight the artifact multiplies with (low-rank branch included)."""
-        weight = self.weight.dequantize() if self.weight is not None else self.float_weight
-        if self.weight is None and self.mask is not None:
-            weight = weight * self.mask
+        weight = self.compressed_weight()
         if self.lowrank is not None:
             up, down = self.lowrank
             weight = weight + up.astype(np.float32) @ down.astype(np.float32)
@@ -46,9 +50,7 @@ class CompressedLayer:
     @property
     def density(self) -> float:
         """Measured fraction of nonzero weights in the compressed (pre-low-rank) weight."""
-        weight = self.weight.dequantize() if self.weight is not None else self.float_weight
-        if self.mask is not None and self.weight is None:
-            weight = weight * self.mask
+        weight = self.compressed_weight()
         return float(np.count_nonzero(weight)) / weight.size
 
 

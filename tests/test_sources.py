@@ -47,8 +47,12 @@ def test_hf_conv1d_layers_compile_to_matmulnbits(tmp_path: Path):
     )
     build = qspec.compile(spec, tmp_path / "out")
     layers = {e["name"]: e for e in build.manifest["layers"] if e["kind"] == "hf_conv1d"}
-    assert set(layers) == {"gpt.h.0.attn.c_attn", "gpt.h.0.attn.c_proj", "gpt.h.0.mlp.c_fc",
-                           "gpt.h.0.mlp.c_proj"}  # fmt: skip
+    assert set(layers) == {
+        "gpt.h.0.attn.c_attn",
+        "gpt.h.0.attn.c_proj",
+        "gpt.h.0.mlp.c_fc",
+        "gpt.h.0.mlp.c_proj",
+    }
     assert all(e["emitted"] == "MatMulNBits" for e in layers.values())
     assert layers["gpt.h.0.attn.c_attn"]["shape"] == [64, 192]  # Conv1D stores [in, out]
     assert build.fidelity.cosine_mean > 0.999

@@ -269,9 +269,16 @@ class NBitsLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.qspec.matmul_nbits(
-            x, self.packed, self.scales, self.zero_points, self.n, self.k, self.bits, self.block,
+            x,
+            self.packed,
+            self.scales,
+            self.zero_points,
+            self.n,
+            self.k,
+            self.bits,
+            self.block,
             self.accuracy_level,
-        )  # fmt: skip
+        )
         return y if self.bias is None else y + self.bias
 
 

@@ -88,8 +88,9 @@ def _(x, packed, scales, zero_points, n, k, bits, block, accuracy_level):
     return x.new_empty(*x.shape[:-1], n)
 
 
-def matmul_nbits_onnx(x, packed, scales, zero_points, n: int, k: int, bits: int, block: int,
-                      accuracy_level: int):  # fmt: skip
+def matmul_nbits_onnx(
+    x, packed, scales, zero_points, n: int, k: int, bits: int, block: int, accuracy_level: int
+):
     return MS.MatMulNBits(
         x,
         packed,
@@ -335,9 +336,15 @@ def _(data, indices, scales, zero_points, block):
 
 def gather_block_quantized_onnx(data, indices, scales, zero_points, block: int):
     return MS.GatherBlockQuantized(
-        data, indices, scales, zero_points, bits=4, block_size=block, gather_axis=0,
+        data,
+        indices,
+        scales,
+        zero_points,
+        bits=4,
+        block_size=block,
+        gather_axis=0,
         quantize_axis=1,
-    )  # fmt: skip
+    )
 
 
 TABLE = {
