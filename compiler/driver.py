@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from qspec.backends.onnx.export import emit, lowered_module
+from qspec.backends.onnx.export import emit
 from qspec.backends.runtime import OnnxRunner
 from qspec.compiler import report
 from qspec.compiler.build import FORMAT_VERSION, sha256_file, staged, write_json
@@ -121,7 +121,7 @@ def _compile(spec: ir.Spec, out_dir: Path, fail_under: dict[str, float], log) ->
         fidelity = end_to_end(
             graph.module, runner.primary, calibration.holdout, calibration.holdout_labels
         )
-        lowered, _ = lowered_module(graph, state.qmodel)
+        lowered = artifact.module
         layer_errors = per_layer(
             graph.module, {n: lowered.get_submodule(n) for n in state.qmodel}, calibration.holdout
         )

@@ -38,6 +38,7 @@ class OnnxArtifact:
     emitted: dict[str, str]  # layer -> what it became (MatMulNBits, decode+Conv, ...)
     layer_bytes: dict[str, int]  # layer -> bytes of its initializers in the file
     total_bytes: int
+    module: torch.nn.Module  # the lowered module that was exported (torch reference ops)
 
 
 def lowered_module(graph: Graph, qmodel: QModel) -> tuple[torch.nn.Module, dict[str, str]]:
@@ -85,7 +86,7 @@ def emit(graph: Graph, qmodel: QModel, target: ir.Target | None, path: Path) -> 
     onnx.checker.check_model(model, full_check=True)
     data = model.SerializeToString(deterministic=True)
     path.write_bytes(data)
-    return OnnxArtifact(path, emitted, _layer_bytes(model, qmodel), len(data))
+    return OnnxArtifact(path, emitted, _layer_bytes(model, qmodel), len(data), module)
 
 
 def _optimize(model: onnx_ir.Model, prefixes: tuple[str, ...]) -> None:
