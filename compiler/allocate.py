@@ -31,15 +31,19 @@ class Candidate:
 
 
 class Infeasible(Exception):
-    """No assignment meets the budgets; `smallest` holds each budget's least achievable total."""
+    """No assignment meets the budgets. `violated` is a budget that cannot be met even alone
+    (None: each can, but not all at once); `smallest` holds each one's least achievable total."""
 
-    def __init__(self, violated: str, smallest: dict[str, float]):
+    def __init__(self, violated: str | None, smallest: dict[str, float]):
         self.violated = violated
         self.smallest = smallest
-        super().__init__(
-            f"budget '{violated}' cannot be met: the smallest achievable total is "
-            f"{smallest[violated]:g}"
-        )
+        if violated is None:
+            super().__init__("the budgets cannot all be met at once")
+        else:
+            super().__init__(
+                f"budget '{violated}' cannot be met: the smallest achievable total is "
+                f"{smallest[violated]:g}"
+            )
 
 
 def smallest_totals(
@@ -91,9 +95,7 @@ def allocate(
     )
     if result.status == 2 or result.x is None:  # infeasible
         smallest = smallest_totals(layers, list(budgets))
-        violated = next(
-            (k for k, bound in budgets.items() if smallest[k] > bound), next(iter(budgets))
-        )
+        violated = next((k for k, bound in budgets.items() if smallest[k] > bound), None)
         raise Infeasible(violated, smallest)
     if not result.success:
         raise RuntimeError(f"the allocation program was not solved: {result.message}")

@@ -4,25 +4,33 @@ from __future__ import annotations
 
 import copy
 import platform
-import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
 import onnx
-import torch
 
 from qspec.backends.onnx.export import emit
 from qspec.backends.runtime import OnnxRunner
 from qspec.compiler import report
+from qspec.compiler.budgets import EXACT, SIZE_ATTEMPTS, check_budgets, size_excess, tightened
 from qspec.compiler.build import FORMAT_VERSION, sha256_file, staged, write_json
-from qspec.compiler.capture import capture
+from qspec.compiler.capture import Graph, capture
 from qspec.compiler.errors import CompileFailure, UserError
+from qspec.compiler.latency import session_latency
+from qspec.compiler.mixed import Allocation, allocate_plan, choosing
 from qspec.compiler.pipeline import State, run_passes
-from qspec.compiler.resolve import explain, resolve
-from qspec.compiler.source import load_calibration, load_model
+from qspec.compiler.resolve import Plan, explain, resolve
+from qspec.compiler.sensitivity import Sensitivity
+from qspec.compiler.source import (
+    Batch,
+    CalibrationData,
+    ModelSource,
+    load_calibration,
+    load_model,
+)
 from qspec.compiler.verify import Fidelity, end_to_end, per_layer
 from qspec.dsl import ir
 from qspec.dsl.diagnostics import SpecError
@@ -55,7 +63,7 @@ def compile_spec(
     checked = check_file(spec_path)
     spec = checked.raise_errors()
     try:
-        return _compile(spec, Path(out_dir), fail_under or {}, log)
+        return build(prepare(spec, log), Path(out_dir), spec.limits, fail_under or {}, log)
     except UserError as error:
         raise SpecError([error.diagnostic], checked.sources) from error
 
@@ -81,17 +89,22 @@ def _model_of(spec: ir.Spec) -> ir.ModelSource:
     return spec.model
 
 
-def _compile(spec: ir.Spec, out_dir: Path, fail_under: dict[str, float], log) -> Build:
-    timings: dict[str, float] = {}
-    clock = time.perf_counter()
+@dataclass
+class Prepared:
+    """A spec's model, data, capture and plan: what every build of one spec shares (a sweep
+    builds many), with the candidates' sensitivity once measured."""
 
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        timings[stage] = now - clock
-        clock = now
-        log(f"{stage}: {timings[stage]:.1f} s")
+    spec: ir.Spec
+    model: ModelSource
+    calibration: CalibrationData
+    graph: Graph
+    plan: Plan
+    timings: dict[str, float]
+    sensitivity: Sensitivity | None = None
 
+
+def prepare(spec: ir.Spec, log: Callable[[str], None] = lambda _: None) -> Prepared:
+    clock = _Clock(log)
     for target in spec.targets:
         if target.backend.text != "onnx":
             raise UserError(
@@ -101,22 +114,39 @@ def _compile(spec: ir.Spec, out_dir: Path, fail_under: dict[str, float], log) ->
             )
     model = load_model(_model_of(spec))
     calibration = load_calibration(spec.calibration, model, _model_of(spec).path)
-    lap("load")
-    graph = capture(model, spec.model.path)
+    clock.lap("load")
+    graph = capture(model, _model_of(spec).path)
     plan = resolve(spec, graph)
-    lap("capture and resolve")
-    sequential = _sequential(spec, plan)
-    working = copy.deepcopy(graph.module) if sequential else graph.module
-    state = run_passes(State(spec, graph, plan, calibration, working), PIPELINE, sequential)
-    log(f"calibration: {'sequential, block by block' if sequential else 'parallel'}")
-    for name, seconds in state.timings.items():
-        timings[f"pass {name}"] = seconds
-        log(f"pass {name}: {seconds:.1f} s")
-    clock = time.perf_counter()
+    clock.lap("capture and resolve")
+    return Prepared(spec, model, calibration, graph, plan, clock.timings)
+
+
+def build(
+    prepared: Prepared,
+    out_dir: Path,
+    limits: Sequence[ir.Limit],
+    fail_under: dict[str, float],
+    log: Callable[[str], None] = lambda _: None,
+) -> Build:
+    """Allocate, run the passes, emit, verify and write one build folder."""
+    spec, graph, calibration = prepared.spec, prepared.graph, prepared.calibration
+    clock = _Clock(log, dict(prepared.timings))
+    largest = max(calibration.holdout, key=lambda b: next(iter(b.values())).numel())
     target = spec.targets[0] if spec.targets else DEFAULT_TARGET
+    requested, limits = list(limits), list(limits)
     with staged(out_dir) as stage:
-        artifact = emit(graph, state.qmodel, target, stage / "model.onnx")
-        lap("emit onnx")
+        for attempt in range(SIZE_ATTEMPTS):
+            allocation = _allocate(prepared, limits, largest, log)
+            clock.lap("allocate")
+            plan = allocation.plan if allocation else prepared.plan
+            state = _run_passes(prepared, plan, log, clock)
+            artifact = emit(graph, state.qmodel, target, stage / "model.onnx")
+            clock.lap("emit onnx")
+            over = size_excess(limits, artifact.total_bytes)
+            if over <= 0 or allocation is None or attempt == SIZE_ATTEMPTS - 1:
+                break
+            log(f"the artifact is {over} bytes over the size budget: allocating again")
+            limits = [tightened(limit, over) for limit in limits]
         runner = OnnxRunner(artifact.path, threads=1)
         fidelity = end_to_end(
             graph.module, runner.primary, calibration.holdout, calibration.holdout_labels
@@ -125,23 +155,94 @@ def _compile(spec: ir.Spec, out_dir: Path, fail_under: dict[str, float], log) ->
         layer_errors = per_layer(
             graph.module, {n: lowered.get_submodule(n) for n in state.qmodel}, calibration.holdout
         )
-        lap("verify")
-        largest = max(calibration.holdout, key=lambda b: next(iter(b.values())).numel())
-        latency = _latency(OnnxRunner(artifact.path), largest)
-        manifest = _manifest(spec, model, calibration, graph, state, artifact, target)
+        clock.lap("verify")
+        latency = _latency(artifact.path, largest)
+        manifest = _manifest(spec, prepared.model, calibration, graph, state, artifact, target)
+        seconds = next(iter(latency.values())) / 1e3
+        budgets = check_budgets(requested, state, artifact.total_bytes, seconds, allocation)
+        if allocation is not None:
+            manifest["allocation"] = allocation.record
+            _mark_choices(manifest, allocation)
+        if budgets:
+            manifest["budgets"] = budgets
+        for entry in budgets:
+            if not entry["met"] and entry["metric"] == "latency":
+                log(f"warning: {entry['limit']} not met here: measured {entry['measured']}")
         body = report.build(manifest, fidelity, layer_errors, graph.method, graph.note)
         write_json(stage / "manifest.json", manifest)
         write_json(stage / "report.json", body)
         (stage / "report.md").write_text(report.markdown(body))
-    build = Build(out_dir, manifest, body, fidelity, timings, latency)
-    failed = [
+        report.bits_chart(manifest, stage / "bits.png")
+    result = Build(out_dir, manifest, body, fidelity, clock.timings, latency)
+    below = [
         f"{name} {fidelity.metric(name)} < {floor}"
         for name, floor in fail_under.items()
         if (fidelity.metric(name) or 0.0) < floor
     ]
+    over = [
+        f"{b['limit']} (measured {b['measured']})"
+        for b in budgets
+        if not b["met"] and b["metric"] in EXACT
+    ]
+    failed = ["fidelity below --fail-under: " + ", ".join(below)] * bool(below)
+    failed += ["budget not met: " + ", ".join(over)] * bool(over)
     if failed:
-        raise CompileFailure("fidelity below --fail-under: " + ", ".join(failed))
-    return build
+        raise CompileFailure("; ".join(failed))
+    return result
+
+
+def _mark_choices(manifest: dict, allocation: Allocation) -> None:
+    """Each choosing layer's manifest entry names the candidate it got."""
+    entries = {entry["name"]: entry for entry in manifest["layers"]}
+    for layer in allocation.record["layers"]:
+        chosen = layer["candidates"][layer["chosen"]]
+        entries[layer["name"]]["choice"] = {
+            "index": layer["chosen"],
+            "of": len(layer["candidates"]),
+            "candidate": chosen["candidate"],
+        }
+
+
+class _Clock:
+    """Stage timings, logged as they end."""
+
+    def __init__(self, log: Callable[[str], None], timings: dict[str, float] | None = None):
+        self.log, self.timings = log, timings if timings is not None else {}
+        self.start = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        seconds, self.start = now - self.start, now
+        self.timings[stage] = self.timings.get(stage, 0.0) + seconds
+        self.log(f"{stage}: {seconds:.1f} s")
+
+
+def _allocate(
+    prepared: Prepared, limits: Sequence[ir.Limit], batch: Batch, log: Callable[[str], None]
+) -> Allocation | None:
+    if not choosing(prepared.plan):
+        return None
+    state = State(
+        prepared.spec, prepared.graph, prepared.plan, prepared.calibration, prepared.graph.module
+    )
+    allocation, prepared.sensitivity = allocate_plan(
+        state, limits, log, prepared.sensitivity, batch
+    )
+    return allocation
+
+
+def _run_passes(prepared: Prepared, plan: Plan, log: Callable[[str], None], clock: _Clock) -> State:
+    sequential = _sequential(prepared.spec, plan)
+    module = prepared.graph.module
+    working = copy.deepcopy(module) if sequential else module
+    state = State(prepared.spec, prepared.graph, plan, prepared.calibration, working)
+    state = run_passes(state, PIPELINE, sequential)
+    log(f"calibration: {'sequential, block by block' if sequential else 'parallel'}")
+    for name, seconds in state.timings.items():
+        clock.timings[f"pass {name}"] = clock.timings.get(f"pass {name}", 0.0) + seconds
+        log(f"pass {name}: {seconds:.1f} s")
+    clock.start = time.perf_counter()
+    return state
 
 
 def _sequential(spec: ir.Spec, plan) -> bool:
@@ -157,19 +258,10 @@ def _sequential(spec: ir.Spec, plan) -> bool:
     )
 
 
-def _latency(
-    runner: OnnxRunner, batch: dict[str, torch.Tensor], runs: int = 10
-) -> dict[str, float]:
-    """Median latency of the artifact on one held-out batch (printed, never written: it varies)."""
-    inputs = {k: v.numpy() for k, v in batch.items()}
-    runner(inputs)
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        runner(inputs)
-        samples.append(time.perf_counter() - start)
-    rows = len(next(iter(inputs.values())))
-    return {f"onnx batch {rows}": statistics.median(samples) * 1e3}
+def _latency(path: Path, batch: Batch) -> dict[str, float]:
+    """Median latency of the artifact on one held-out batch, in ms."""
+    rows = len(next(iter(batch.values())))
+    return {f"onnx batch {rows}": session_latency(path, batch) * 1e3}
 
 
 def _manifest(spec, model, calibration, graph, state: State, artifact, target: ir.Target) -> dict:

@@ -234,3 +234,10 @@ def _error(W: np.ndarray, Q: np.ndarray, H: np.ndarray) -> float:
     """trace((W - Q) H (W - Q)^T)."""
     D = W.astype(np.float64) - Q
     return float(np.sum((D @ H) * D))
+
+
+def output_error(delta: np.ndarray, hessian: np.ndarray | None) -> float:
+    """trace(ΔW H ΔWᵀ): the layer's squared output error on the calibration inputs."""
+    if hessian is None:
+        return float((delta * delta).sum())
+    return float(((delta @ hessian) * delta).sum())

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from qspec.compiler.capture import Graph, unmatrix
+from qspec.compiler.capture import Graph, Layer, unmatrix
 from qspec.compiler.qmodel import QModel
 from qspec.compiler.resolve import Plan
 from qspec.compiler.source import CalibrationData
@@ -80,9 +80,13 @@ def substitute(state: State, names: Sequence[str]) -> None:
         compressed = state.qmodel.get(name)
         if compressed is None:
             continue
-        module, layer = modules[name], compressed.layer
-        weight = torch.from_numpy(compressed.effective_weight())
-        with torch.no_grad():
-            module.weight.copy_(unmatrix(layer, weight).to(module.weight.dtype))
-            if compressed.bias is not None and getattr(module, "bias", None) is not None:
-                module.bias.copy_(torch.from_numpy(compressed.bias))
+        assign_weight(modules[name], compressed.layer, compressed.effective_weight())
+        if compressed.bias is not None and getattr(modules[name], "bias", None) is not None:
+            with torch.no_grad():
+                modules[name].bias.copy_(torch.from_numpy(compressed.bias))
+
+
+def assign_weight(module: torch.nn.Module, layer: Layer, weight: np.ndarray) -> None:
+    """Overwrite a layer's weight in place with a [rows, cols] matrix."""
+    with torch.no_grad():
+        module.weight.copy_(unmatrix(layer, torch.from_numpy(weight)).to(module.weight.dtype))

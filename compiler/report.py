@@ -6,6 +6,7 @@ from pathlib import Path
 
 from torch import nn
 
+from qspec.compiler.budgets import weight_bits
 from qspec.compiler.capture import Graph
 from qspec.compiler.lowrank import factor_bytes
 from qspec.compiler.numerics import nbytes
@@ -45,6 +46,7 @@ def layer_entries(graph: Graph, state: State, artifact) -> list[dict]:
             "sparsity": plan.sparsity.describe() if plan.sparsity else None,
             "density": None,
             "rank": plan.lowrank.rank if plan.lowrank else None,
+            "weight_bits": round(weight_bits(plan) / layer.params_in_weight, 4),
             "decided_by": sorted(
                 {f"{Path(s.file).name}:{s.line}" for s in plan.sources.values() if s.line}
             ),
@@ -94,16 +96,22 @@ def build(
                 "sparsity": entry["sparsity"],
                 "rank": entry["rank"],
                 "bytes": entry["bytes"],
+                "weight_bits": entry["weight_bits"],
+                "choice": entry.get("choice"),
                 "relative_error": error.get("relative_error"),
                 "snr_db": error.get("snr_db"),
                 "decided_by": entry["decided_by"],
             }
         )
+    allocation = manifest.get("allocation")
     return {
         "spec": manifest["spec"]["path"],
         "capture": {"method": method, "note": note},
         "fidelity": fidelity.as_dict(),
         "totals": manifest["totals"],
+        "budgets": manifest.get("budgets", []),
+        "allocation": allocation
+        and {k: v for k, v in allocation.items() if k not in ("layers", "budgets")},
         "layers": layers,
     }
 
@@ -140,6 +148,7 @@ def markdown(report: dict) -> str:
         f"| theoretical minimum | {totals['min_bytes']:,} |",
         f"| artifact / minimum | {totals['artifact_to_min']} |",
         "",
+        *_budgets(report),
         "## Layers",
         "",
         "| layer | kind | shape | format | sparsity | rank | bytes | rel. error | decided by |",
@@ -152,7 +161,68 @@ def markdown(report: dict) -> str:
             f"| {layer['sparsity'] or '-'} | {layer['rank'] or '-'} | {layer['bytes']:,} "
             f"| {_fmt(layer['relative_error'])} | {', '.join(layer['decided_by']) or '-'} |"
         )
+    lines += _bits_bars(report["layers"])
     return "\n".join(lines) + "\n"
+
+
+def _budgets(report: dict) -> list[str]:
+    if not report["budgets"]:
+        return []
+    lines = ["## Budgets", ""]
+    allocation = report["allocation"]
+    if allocation:
+        how = f"allocate {allocation['strategy']}, sensitivity {allocation['sensitivity']}"
+        ilp = allocation["ilp"]
+        lines += [f"Chosen by {how}: ILP solved to optimality in {ilp['solve_seconds']} s.", ""]
+        evolution = allocation.get("evolution")
+        if evolution:
+            lines += [
+                f"Evolution ({evolution['fitness']}): fitness {evolution['start_fitness']:.6g} "
+                f"from the ILP choice, {evolution['best_fitness']:.6g} after "
+                f"{len(evolution['history'])} generations.",
+                "",
+            ]
+    lines += ["| budget | predicted | measured | met |", "|---|---|---|---|"]
+    for budget in report["budgets"]:
+        predicted = budget.get("predicted", "-")
+        met = "yes" if budget["met"] else "no"
+        lines.append(f"| {budget['limit']} | {predicted} | {budget['measured']} | {met} |")
+    return [*lines, ""]
+
+
+def _bits_bars(layers: list[dict]) -> list[str]:
+    """Bits per weight of each layer as a text bar chart (bits.png draws the same)."""
+    width = max(len(layer["name"]) for layer in layers)
+    lines = ["", "## Bits per layer", "", "![bits per layer](bits.png)", "", "```"]
+    for layer in layers:
+        bits = layer["weight_bits"]
+        bar = "█" * round(min(bits, 16) * 2)
+        choice = f"  ({layer['choice']['candidate']})" if layer["choice"] else ""
+        lines.append(f"{layer['name'].ljust(width)} {bits:6.2f} {bar}{choice}")
+    return [*lines, "```"]
+
+
+def bits_chart(manifest: dict, path: Path) -> None:
+    """bits.png: bits per weight of every layer, chosen layers highlighted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    layers = manifest["layers"]
+    figure, axes = pyplot.subplots(figsize=(10, 0.22 * len(layers) + 1.2))
+    colors = ["tab:orange" if "choice" in layer else "tab:blue" for layer in layers]
+    axes.barh(
+        [layer["name"] for layer in layers],
+        [layer["weight_bits"] for layer in layers],
+        color=colors,
+    )
+    axes.invert_yaxis()
+    axes.set_xlabel("bits per weight (codes and low-rank factors; orange: chosen by allocate)")
+    axes.tick_params(axis="y", labelsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)
 
 
 def _fmt(value) -> str:

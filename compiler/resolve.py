@@ -8,7 +8,7 @@ which `qspec explain`, the report and error messages show.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from qspec.compiler.capture import Graph, Layer
@@ -93,6 +93,16 @@ class CandidatePlan:
     sparsity: SparsityPlan | None
     lowrank: LowRankPlan | None
 
+    def describe(self) -> str:
+        if self.weight is None:
+            return "keep"
+        parts = [self.weight.describe()]
+        if self.sparsity:
+            parts.append("sparse " + self.sparsity.describe())
+        if self.lowrank:
+            parts.append(f"lora r{self.lowrank.rank} {self.lowrank.method}")
+        return ", ".join(parts)
+
 
 @dataclass(frozen=True)
 class LayerPlan:
@@ -108,6 +118,27 @@ class LayerPlan:
     @property
     def compressed(self) -> bool:
         return any((self.weight, self.activation, self.sparsity, self.lowrank, self.candidates))
+
+    def choose(self, candidate: CandidatePlan) -> LayerPlan:
+        """This plan with one of its candidates decided (`keep` leaves the layer all float)."""
+        if candidate.weight is None:
+            return replace(
+                self,
+                weight=None,
+                activation=None,
+                sparsity=None,
+                lowrank=None,
+                bias_correction=False,
+                candidates=None,
+            )
+        lowrank = candidate.lowrank or self.lowrank
+        return replace(
+            self,
+            weight=candidate.weight,
+            sparsity=candidate.sparsity,
+            lowrank=lowrank,
+            candidates=None,
+        )
 
     def describe(self) -> str:
         if not self.compressed and not self.bias_correction:

@@ -273,9 +273,9 @@ def load_calibration(
         rows = _rows(batch)
         cut = max(0, min(rows, samples - seen))
         if cut:
-            head.append(_rows_of(batch, 0, cut))
+            head.append(rows_of(batch, 0, cut))
         if cut < rows:
-            tail.append((_rows_of(batch, cut, rows), None if labels is None else labels[cut:]))
+            tail.append((rows_of(batch, cut, rows), None if labels is None else labels[cut:]))
             tail_rows += rows - cut
             while tail_rows - _rows(tail[0][0]) >= holdout:
                 tail_rows -= _rows(tail.popleft()[0])
@@ -313,7 +313,7 @@ def _try_batch(model: ModelSource, batch: Batch, word: ir.Word) -> None:
         ) from error
 
 
-def _rows_of(batch: Batch, start: int, stop: int) -> Batch:
+def rows_of(batch: Batch, start: int, stop: int) -> Batch:
     return {name: tensor[start:stop] for name, tensor in batch.items()}
 
 
@@ -322,7 +322,7 @@ def _last_rows(tail: list[tuple[Batch, torch.Tensor | None]], count: int):
     extra = sum(_rows(batch) for batch, _ in tail) - count
     if extra and tail:
         batch, labels = tail[0]
-        tail[0] = (_rows_of(batch, extra, _rows(batch)), None if labels is None else labels[extra:])
+        tail[0] = (rows_of(batch, extra, _rows(batch)), None if labels is None else labels[extra:])
     held = [batch for batch, _ in tail]
     labels = [label for _, label in tail]
     return held, labels if labels and all(label is not None for label in labels) else None
@@ -373,8 +373,9 @@ def _rows(batch: Batch) -> int:
 # ---- Python entries ------------------------------------------------------------------------
 
 
-def call_entry(word: ir.Word, what: str) -> Any:
-    """Import `file.py` (relative to the spec) and call `function()`; errors point at `word`."""
+def call_entry(word: ir.Word, what: str, *args: Any) -> Any:
+    """Import `file.py` (relative to the spec) and call `function(*args)`; errors point at
+    `word`."""
     file, _, function = word.text.rpartition(":")
     module = _import_file(_existing(word, "Python file", file), word)
     entry = getattr(module, function, None)
@@ -386,7 +387,7 @@ def call_entry(word: ir.Word, what: str) -> Any:
             help=did_you_mean(function, names) or f"define {function}() in {file}",
         )
     try:
-        return entry()
+        return entry(*args)
     except UserError:
         raise
     except Exception as error:

@@ -43,11 +43,14 @@ def _round(value):
     return float(f"{value:.6g}") if isinstance(value, float) else value
 
 
-def primary_output(output) -> np.ndarray:
+def primary_tensor(output) -> torch.Tensor:
     """The first tensor of whatever the model returns (tensor, tuple, dict, ModelOutput)."""
     leaves, _ = tree_flatten(output)
-    tensors = [leaf for leaf in leaves if isinstance(leaf, torch.Tensor)]
-    return tensors[0].detach().float().numpy()
+    return next(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
+
+
+def primary_output(output) -> np.ndarray:
+    return primary_tensor(output).detach().float().numpy()
 
 
 def compare(

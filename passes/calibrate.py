@@ -80,12 +80,11 @@ class LayerStats:
 
 def needs_second_moment(plan: LayerPlan) -> bool:
     weight, sparsity, lowrank = plan.weight, plan.sparsity, plan.lowrank
-    candidates = plan.candidates or ()
     return bool(
         (weight and (weight.rounding == "gptq" or weight.search))
         or (sparsity and sparsity.method != "magnitude")
         or (lowrank and (lowrank.method == "eora" or lowrank.finetune_steps))
-        or any(c.weight and c.weight.rounding == "gptq" for c in candidates)
+        or plan.candidates  # sensitivity measures every candidate's output error with XᵀX
     )
 
 

@@ -16,7 +16,7 @@ from qspec.compiler.capture import matrix
 from qspec.compiler.errors import UserError
 from qspec.compiler.formats import FLOAT_FAMILIES, WEIGHT_FORMATS
 from qspec.compiler.numerics import Quantized, QuantSpec, quantize
-from qspec.compiler.obs import solve
+from qspec.compiler.obs import output_error, solve
 from qspec.compiler.pipeline import State
 from qspec.compiler.qmodel import CompressedLayer, quant_spec
 from qspec.compiler.resolve import ActivationPlan, LayerPlan
@@ -110,13 +110,6 @@ def _round(
     notes.extend(result.warnings)
     assert result.quantized is not None
     return result.quantized, result.mask
-
-
-def output_error(delta: np.ndarray, hessian: np.ndarray | None) -> float:
-    """trace(ΔW H ΔWᵀ): the layer's squared output error on the calibration inputs."""
-    if hessian is None:
-        return float((delta * delta).sum())
-    return float(((delta @ hessian) * delta).sum())
 
 
 def _search_format(

@@ -70,6 +70,7 @@ def digits(tmp_path_factory) -> Path:
 
 def test_digits_build_folder(digits: Path):
     assert sorted(p.name for p in digits.iterdir()) == [
+        "bits.png",
         "manifest.json",
         "model.onnx",
         "report.json",

@@ -12,9 +12,10 @@ import qspec
 from qspec.compiler.capture import Layer, matrix
 from qspec.compiler.formats import WEIGHT_FORMATS
 from qspec.compiler.numerics import QuantSpec, quantize
+from qspec.compiler.obs import output_error
 from qspec.compiler.resolve import SparsityPlan
 from qspec.passes.calibrate import AbsHistogram, input_rows
-from qspec.passes.quantize import output_error, search_clip
+from qspec.passes.quantize import search_clip
 from qspec.passes.sparsify import keep_mask
 
 RNG = np.random.default_rng(0)

@@ -25,7 +25,7 @@ from qspec.backends.onnx.modules import lower
 from qspec.backends.onnx.ops import TABLE
 from qspec.compiler.capture import Graph
 from qspec.compiler.errors import CompileFailure
-from qspec.compiler.qmodel import QModel
+from qspec.compiler.qmodel import CompressedLayer, QModel
 from qspec.dsl import ir
 
 DEFAULT_OPSET = 21
@@ -176,6 +176,17 @@ def _layer_bytes(model: onnx.ModelProto, qmodel: QModel) -> dict[str, int]:
         if owner is not None:
             sizes[owner] += len(tensor.raw_data) or _nbytes(tensor)
     return sizes
+
+
+def stored_bytes(compressed: CompressedLayer, original: torch.nn.Module) -> int:
+    """The bytes `_layer_bytes` will find for this layer, predicted from its lowered module
+    without exporting (4-bit codes counted two to a byte, as `_narrow` stores them)."""
+    module, _ = lower(compressed, original)
+    narrow = getattr(module, "narrow", {})
+    return sum(
+        -(-tensor.numel() // 2) if name in narrow else tensor.numel() * tensor.element_size()
+        for name, tensor in module.state_dict().items()
+    )
 
 
 def _nbytes(tensor: onnx.TensorProto) -> int:

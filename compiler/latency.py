@@ -1,0 +1,156 @@
+"""Measured latency costs for mixed-precision allocation.
+
+A candidate's latency is what ONNX Runtime on this machine takes to run the layer alone,
+lowered exactly as the ONNX backend emits it (MatMulNBits, DequantizeLinear fp8, decode+MatMul,
+a low-rank branch...): FLOP or byte counts cannot tell a fused kernel from an in-graph decode.
+One export and benchmark takes about a second, so results are cached on disk by everything
+that decides them: the caller's description of the candidate, the layer, the input shape, the
+thread count, the ONNX Runtime version, the CPU and the backend's lowering code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import onnxruntime
+import torch
+from torch import nn
+
+from qspec.backends.onnx import modules, ops
+from qspec.backends.onnx.export import emit
+from qspec.backends.runtime import OnnxRunner
+from qspec.compiler.capture import Graph, Layer
+from qspec.compiler.qmodel import CompressedLayer
+
+WARMUP = 3  # first runs allocate buffers and pick kernels
+MIN_RUNS, MAX_RUNS, BUDGET = 10, 200, 0.2  # repeat for ~BUDGET seconds within these counts
+
+
+class _Alone(nn.Module):
+    """The layer as the only submodule, `layer`: the name emit lowers it under."""
+
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def layer_latency(
+    name: str,
+    layer: Layer,
+    original: nn.Module,
+    compressed: CompressedLayer | None,
+    input_shape: tuple[int, ...],
+    key: str,
+    *,
+    threads: int = 0,
+) -> float:
+    """Median seconds of one run of this layer alone (lowered exactly as the ONNX backend emits
+    it, or the float layer when compressed is None) in an ONNX Runtime session, on a float32
+    input of input_shape (for embeddings: int64 indices of that shape). Cached on disk by `key`
+    (the caller's description of the candidate, e.g. 'int4 group 32 asym gptq') together with
+    the layer kind, weight shape, module settings (bias, stride, padding, groups), input shape,
+    threads, onnxruntime version and CPU. `name` (the layer's name in the model) only names
+    the temporary file: layers alike share one measurement."""
+
+    def measure() -> float:
+        generator = torch.Generator().manual_seed(0)
+        if layer.kind == "embedding":
+            x = torch.randint(0, layer.rows, input_shape, generator=generator)
+        else:
+            x = torch.randn(input_shape, generator=generator)
+        alone = dataclasses.replace(layer, name="layer")
+        graph = Graph(_Alone(original), {"x": x}, ("x",), {"layer": alone}, "export")
+        qmodel = {} if compressed is None else {"layer": compressed}
+        with tempfile.TemporaryDirectory(prefix="qspec-latency-") as folder:
+            path = Path(folder) / f"{name.replace('/', '_')}.onnx"
+            emit(graph, qmodel, None, path)
+            return session_latency(path, {"x": x}, threads=threads)
+
+    parts = ["layer", key, layer.kind, layer.weight_shape, repr(original), input_shape]
+    return _cached(parts, threads, measure)
+
+
+def session_latency(path: Path, batch: dict[str, torch.Tensor], *, threads: int = 0) -> float:
+    """Median seconds of session.run on an ONNX file, uncached (for artifacts that exist once).
+    The median shrugs off scheduler hiccups that a mean would average in."""
+    runner = OnnxRunner(path, threads=threads)
+    feed = {name: batch[name].numpy() for name in runner.input_names}
+    for _ in range(WARMUP):
+        runner.session.run(None, feed)
+    times: list[float] = []
+    while len(times) < MAX_RUNS and (len(times) < MIN_RUNS or sum(times) < BUDGET):
+        start = time.perf_counter()
+        runner.session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _cached(parts: list, threads: int, measure: Callable[[], float]) -> float:
+    """The cached value for parts plus this machine's runtime, else measure and store it."""
+    machine = [threads, onnxruntime.__version__, _cpu(), os.cpu_count(), _lowering()]
+    entry = json.dumps([*parts, *machine])
+    path = cache_path()
+    value = _load(path).get(entry)
+    if isinstance(value, float):
+        return value
+    value = measure()
+    entries = _load(path)  # re-read: another process may have added entries meanwhile
+    entries[entry] = value
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(
+            "w", dir=path.parent, prefix=".latency-", suffix=".tmp", delete=False
+        ) as file:
+            json.dump(entries, file, indent=1, sort_keys=True)
+        os.replace(file.name, path)  # readers see the old file or the new one, never half
+    except OSError:
+        pass  # a read-only cache only costs measuring again
+    return value
+
+
+def cache_path() -> Path:
+    folder = os.environ.get("QSPEC_CACHE_DIR")
+    return (Path(folder) if folder else Path.home() / ".cache" / "qspec") / "latency.json"
+
+
+def _load(path: Path) -> dict[str, object]:
+    """The cache's entries; a missing, unreadable or corrupt file is an empty cache."""
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+@functools.cache
+def _lowering() -> str:
+    """A digest of the ONNX backend's lowering code: a qspec that emits differently measures
+    again instead of reading timings of kernels it no longer emits."""
+    digest = hashlib.sha256()
+    for module in (modules, ops):
+        digest.update(Path(module.__file__ or "").read_bytes())
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def _cpu() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -1,0 +1,255 @@
+"""sensitivity: what each candidate of each choosing layer costs, and how much error it adds.
+
+Every candidate goes through its layer's own passes (sparsify, quantize, compensate), exactly as
+the compile runs them, on statistics of the float model's inputs (one parallel calibration). Its
+error is, by the spec's `sensitivity`:
+
+- `output` (default): trace(ΔW H ΔWᵀ), H = XᵀX / n, the layer's squared output error;
+- `hessian`: HAWQ's Tr(G)/n ‖ΔW‖², G the Gauss-Newton Hessian of the model output with respect
+  to the layer's weight, its trace estimated by Hutchinson probes (Jacobian-vector products);
+- `metric`: the drop of the spec's `evaluate` score when only this layer is compressed (CalibTIP).
+
+Its costs are exact and additive: `size` the bytes the backend stores (codes, scales, zero points,
+masks, low-rank factors, bias), `weight_bits` the bits of its codes and low-rank factors, `bops`
+MACs x density x weight bits x activation bits, and with a latency budget `latency`, the change
+in the layer's own measured ONNX Runtime time against the float layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from qspec.backends.onnx.export import stored_bytes
+from qspec.compiler.budgets import bops, weight_bits
+from qspec.compiler.capture import Graph, matrix
+from qspec.compiler.latency import layer_latency
+from qspec.compiler.numerics import quantize
+from qspec.compiler.obs import output_error
+from qspec.compiler.pipeline import State, assign_weight
+from qspec.compiler.qmodel import CompressedLayer, quant_spec
+from qspec.compiler.resolve import LayerPlan, Plan
+from qspec.compiler.source import Batch, call_entry
+from qspec.compiler.verify import primary_tensor
+from qspec.passes import PIPELINE, calibrate
+
+HUTCHINSON_PROBES = 8
+HUTCHINSON_ROWS = 8
+
+
+@dataclass
+class Option:
+    """One candidate of one layer, compressed and measured."""
+
+    plan: LayerPlan  # the layer's plan with this candidate decided
+    describe: str
+    error: float
+    costs: dict[str, float]  # metric -> this layer's share (base units)
+    weight: np.ndarray  # the effective [rows, cols] weight, for end-to-end search
+
+
+@dataclass
+class Sensitivity:
+    options: dict[str, list[Option]]  # choosing layer -> its candidates, in spec order
+    measure: str
+    seconds: float
+
+
+def measure(
+    state: State,
+    how: str,
+    latency_shapes: dict[str, tuple[int, ...]] | None,
+    log: Callable[[str], None],
+) -> Sensitivity:
+    """Compress every choosing layer with each of its candidates and measure them. With
+    `latency_shapes` (layer -> input shape of the latency batch) latency is measured too."""
+    start = time.perf_counter()
+    choosing = tuple(n for n, p in state.plan.layers.items() if p.candidates)
+    state.scope = choosing
+    calibrate.run(state)
+    state.scope = None
+    float_module = state.graph.module
+    score = _scorer(state, how)
+    traces = _gauss_newton_traces(state, choosing) if how == "hessian" else {}
+    options: dict[str, list[Option]] = {}
+    for index, name in enumerate(choosing):
+        log(f"sensitivity: {name} ({index + 1}/{len(choosing)})")
+        layer_plan = state.plan.layers[name]
+        module = float_module.get_submodule(name)
+        original = matrix(layer_plan.layer, module.weight.detach().float()).numpy()
+        hessian = state.stats[name].hessian
+        options[name] = []
+        for candidate in layer_plan.candidates or ():
+            plan = layer_plan.choose(candidate)
+            compressed = compress(state, name, plan)
+            weight = original if compressed is None else compressed.effective_weight()
+            delta = original - weight
+            if how == "hessian":
+                error = traces[name] * float((delta * delta).sum())
+            elif how == "metric":
+                error = score(name, weight)
+            else:
+                error = output_error(delta, hessian)
+            costs = layer_costs(plan, compressed, module)
+            if latency_shapes is not None:
+                costs["latency"] = latency_delta(name, plan, compressed, module, latency_shapes)
+            options[name].append(Option(plan, candidate.describe(), error, costs, weight))
+    return Sensitivity(options, how, time.perf_counter() - start)
+
+
+def compress(state: State, name: str, plan: LayerPlan) -> CompressedLayer | None:
+    """The layer compressed by its own passes under `plan` (None when the plan keeps it float),
+    on the statistics `state` already holds for it."""
+    single = State(
+        state.spec,
+        state.graph,
+        Plan({name: plan}, []),
+        state.calibration,
+        state.working,
+        scope=(name,),
+        stats={name: state.stats[name]},
+    )
+    for pass_name, run in PIPELINE:
+        if pass_name != "calibrate":
+            single = run(single)
+    return single.qmodel.get(name)
+
+
+# ---- costs ---------------------------------------------------------------------------------
+
+
+def layer_costs(
+    plan: LayerPlan, compressed: CompressedLayer | None, module: torch.nn.Module
+) -> dict[str, float]:
+    """Bytes (as the backend stores them), weight bits and BOPs of one layer as planned."""
+    if compressed is None:
+        size = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
+    else:
+        size = stored_bytes(compressed, module)
+    return {"size": float(size), "weight_bits": weight_bits(plan), "bops": bops(plan)}
+
+
+def latency_delta(
+    name: str,
+    plan: LayerPlan,
+    compressed: CompressedLayer | None,
+    module: torch.nn.Module,
+    shapes: dict[str, tuple[int, ...]],
+) -> float:
+    """Seconds this layer adds (or saves) against its float self, each run alone in ONNX
+    Runtime on its input of the latency batch."""
+    if compressed is None:
+        return 0.0
+    layer, shape = plan.layer, shapes[name]
+    own = layer_latency(name, layer, module, compressed, shape, describe(plan))
+    return own - layer_latency(name, layer, module, None, shape, "float")
+
+
+def describe(plan: LayerPlan) -> str:
+    """The plan's cache key for latency: everything that changes the emitted kernels."""
+    return plan.describe() + f", activation {plan.activation}" * bool(plan.activation)
+
+
+def layer_inputs(graph: Graph, names: Sequence[str], batch: Batch) -> dict[str, tuple[int, ...]]:
+    """Each layer's input shape when the float model runs `batch`."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def record(name: str) -> Callable:
+        def hook(_module, inputs, _output) -> None:
+            shapes.setdefault(name, tuple(inputs[0].shape))
+
+        return hook
+
+    hooks = [graph.module.get_submodule(n).register_forward_hook(record(n)) for n in names]
+    try:
+        with torch.no_grad():
+            graph.module(**batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shapes
+
+
+def stand_in(plan: LayerPlan, module: torch.nn.Module) -> CompressedLayer | None:
+    """A layer compressed as planned but rounded to nearest, with placeholder factors and
+    scales: bytes and speed depend on the plan and shapes, not on the values, so this predicts
+    both without running the passes."""
+    if not plan.compressed:
+        return None
+    layer = plan.layer
+    weight = matrix(layer, module.weight.detach().float()).numpy()
+    bias = getattr(module, "bias", None)
+    compressed = CompressedLayer(
+        layer=layer,
+        plan=plan,
+        weight=quantize(weight, quant_spec(plan.weight)) if plan.weight else None,
+        float_weight=weight,
+        mask=np.ones(weight.shape, bool) if plan.sparsity else None,
+        bias=None if bias is None else bias.detach().float().numpy(),
+        activation=plan.activation,
+    )
+    if plan.lowrank is not None and plan.weight is not None:
+        rank = plan.lowrank.rank
+        up = np.full((layer.rows, rank), 1e-3, np.float32)
+        down = np.full((rank, layer.cols), 1e-3, np.float32)
+        compressed.lowrank = (up.astype(np.float16), down.astype(np.float16))
+    if plan.activation and not plan.activation.dynamic:
+        compressed.activation_scale, compressed.activation_zero_point = 1.0, 0
+        compressed.output_scale, compressed.output_zero_point = 1.0, 0
+    return compressed
+
+
+# ---- end-to-end sensitivities ------------------------------------------------------------
+
+
+def _scorer(state: State, how: str) -> Callable[[str, np.ndarray], float]:
+    """For `sensitivity metric`: the score drop with one layer's weight replaced."""
+    if how != "metric":
+        return lambda _name, _weight: 0.0
+    assert state.spec.evaluate is not None
+    entry = state.spec.evaluate.entry
+    working = copy.deepcopy(state.graph.module).eval()
+    baseline = float(call_entry(entry, "evaluate entry", working))
+
+    def drop(name: str, weight: np.ndarray) -> float:
+        module = working.get_submodule(name)
+        layer = state.graph.layers[name]
+        saved = module.weight.detach().clone()
+        assign_weight(module, layer, weight)
+        try:
+            return baseline - float(call_entry(entry, "evaluate entry", working))
+        finally:
+            with torch.no_grad():
+                module.weight.copy_(saved)
+
+    return drop
+
+
+def _gauss_newton_traces(state: State, names: Sequence[str]) -> dict[str, float]:
+    """Tr(G)/n per layer, G = JᵀJ the Gauss-Newton Hessian of the model output with respect to
+    the layer's weight, by Hutchinson's estimator Tr(G) = E‖J v‖² with Rademacher v."""
+    module = state.graph.module
+    first = state.calibration.batches[0]
+    batch = {k: v[:HUTCHINSON_ROWS] for k, v in first.items()}
+    generator = torch.Generator().manual_seed(0)
+    traces = {}
+    for name in names:
+        key = f"{name}.weight"
+        weight = module.get_submodule(name).weight.detach()
+
+        def output(w: torch.Tensor, key: str = key) -> torch.Tensor:
+            out = torch.func.functional_call(module, {key: w}, args=(), kwargs=batch)
+            return primary_tensor(out).float()
+
+        total = 0.0
+        for _ in range(HUTCHINSON_PROBES):
+            probe = torch.randint(0, 2, weight.shape, generator=generator).to(weight.dtype)
+            _, tangent = torch.func.jvp(output, (weight,), (2 * probe - 1,))
+            total += float(tangent.detach().double().square().sum())
+        traces[name] = total / HUTCHINSON_PROBES / weight.numel()
+    return traces
