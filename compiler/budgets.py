@@ -89,12 +89,12 @@ def size_excess(limits: Sequence[ir.Limit], total_bytes: int) -> int:
     return max((int(total_bytes - lim.amount) for lim in limits if lim.metric == "size"), default=0)
 
 
-def tightened(limit: ir.Limit, over: int) -> ir.Limit:
-    """A size limit lowered by `over` bytes (other limits unchanged)."""
+def tightened(limit: ir.Limit, reserve: int) -> ir.Limit:
+    """A size limit lowered by `reserve` bytes (other limits unchanged)."""
     if limit.metric != "size":
         return limit
     scale = ir.UNITS["size"][limit.unit.text] if limit.unit else 1.0
-    return replace(limit, value=ir.Num((limit.amount - over) / scale, limit.value.span))
+    return replace(limit, value=ir.Num((limit.amount - reserve) / scale, limit.value.span))
 
 
 def check_budgets(

@@ -16,7 +16,13 @@ from qspec.backends.onnx.export import emit
 from qspec.backends.runtime import OnnxRunner
 from qspec.compiler import report
 from qspec.compiler.budgets import EXACT, SIZE_ATTEMPTS, check_budgets, size_excess, tightened
-from qspec.compiler.build import FORMAT_VERSION, sha256_file, staged, write_json
+from qspec.compiler.build import (
+    FORMAT_VERSION,
+    read_manifest,
+    sha256_file,
+    staged,
+    write_json,
+)
 from qspec.compiler.capture import Graph, capture
 from qspec.compiler.errors import CompileFailure, UserError
 from qspec.compiler.latency import session_latency
@@ -68,15 +74,34 @@ def compile_spec(
         raise SpecError([error.diagnostic], checked.sources) from error
 
 
-def explain_spec(spec_path: str | Path) -> str:
-    """The per-layer table of `qspec explain` (loads and captures the model, runs no pass)."""
+def explain_spec(spec_path: str | Path, build_dir: str | Path | None = None) -> str:
+    """The per-layer table of `qspec explain` (loads and captures the model, runs no pass).
+    With the folder of a build of this spec, choosing layers show the candidate they got."""
     checked = check_file(spec_path)
     spec = checked.raise_errors()
+    chosen = _choices(spec, Path(build_dir)) if build_dir is not None else {}
     try:
         model = load_model(_model_of(spec))
-        return explain(resolve(spec, capture(model, spec.model.path if spec.model else None)))
+        plan = resolve(spec, capture(model, _model_of(spec).path))
     except UserError as error:
         raise SpecError([error.diagnostic], checked.sources) from error
+    return explain(plan, chosen)
+
+
+def _choices(spec: ir.Spec, folder: Path) -> dict[str, str]:
+    try:
+        manifest = read_manifest(folder)
+    except (FileNotFoundError, ValueError) as error:
+        raise UserError(str(error)) from None
+    built_from = manifest["spec"]["path"]
+    if Path(built_from).resolve() != Path(spec.path).resolve():
+        raise UserError(f"{folder} was built from {built_from}, not {spec.path}")
+    return {
+        entry["name"]: f"{entry['choice']['candidate']} (chosen, "
+        f"{entry['choice']['index'] + 1} of {entry['choice']['of']})"
+        for entry in manifest["layers"]
+        if "choice" in entry
+    }
 
 
 def _model_of(spec: ir.Spec) -> ir.ModelSource:
@@ -133,7 +158,7 @@ def build(
     clock = _Clock(log, dict(prepared.timings))
     largest = max(calibration.holdout, key=lambda b: next(iter(b.values())).numel())
     target = spec.targets[0] if spec.targets else DEFAULT_TARGET
-    requested, limits = list(limits), list(limits)
+    requested, limits, reserve = list(limits), list(limits), 0
     with staged(out_dir) as stage:
         for attempt in range(SIZE_ATTEMPTS):
             allocation = _allocate(prepared, limits, largest, log)
@@ -142,11 +167,13 @@ def build(
             state = _run_passes(prepared, plan, log, clock)
             artifact = emit(graph, state.qmodel, target, stage / "model.onnx")
             clock.lap("emit onnx")
-            over = size_excess(limits, artifact.total_bytes)
+            over = size_excess(requested, artifact.total_bytes)
             if over <= 0 or allocation is None or attempt == SIZE_ATTEMPTS - 1:
                 break
+            # The graph's own bytes for the chosen kernels were not predicted: hold them back.
+            reserve = max(reserve, artifact.total_bytes - int(allocation.predicted["size"]))
             log(f"the artifact is {over} bytes over the size budget: allocating again")
-            limits = [tightened(limit, over) for limit in limits]
+            limits = [tightened(limit, reserve) for limit in requested]
         runner = OnnxRunner(artifact.path, threads=1)
         fidelity = end_to_end(
             graph.module, runner.primary, calibration.holdout, calibration.holdout_labels

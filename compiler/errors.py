@@ -25,5 +25,9 @@ class UserError(Exception):
         self.diagnostic = Diagnostic("error", message, where, expected, help, tuple(notes))
 
 
+class InfeasibleBudget(UserError):
+    """A budget no choice of candidates can meet (a sweep records it and goes on)."""
+
+
 class CompileFailure(Exception):
     """The inputs were fine but the build did not succeed (or missed its fidelity threshold)."""

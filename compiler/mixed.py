@@ -14,23 +14,19 @@ factors take (scales and zero points are in `size`, not here): int4 group 32 cou
 
 from __future__ import annotations
 
-import copy
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import torch
-
 from qspec.backends.onnx.export import emit
 from qspec.compiler.allocate import Candidate, Infeasible, allocate, smallest_totals
 from qspec.compiler.budgets import NAMES, in_unit, limit_text, show
-from qspec.compiler.errors import UserError
+from qspec.compiler.errors import InfeasibleBudget, UserError
 from qspec.compiler.evolution import Problem, evolve
 from qspec.compiler.latency import session_latency
-from qspec.compiler.pipeline import State, assign_weight
+from qspec.compiler.pipeline import State
 from qspec.compiler.resolve import Plan
 from qspec.compiler.sensitivity import (
     Sensitivity,
@@ -39,8 +35,8 @@ from qspec.compiler.sensitivity import (
     measure,
     stand_in,
 )
-from qspec.compiler.source import Batch, call_entry, rows_of
-from qspec.compiler.verify import primary_tensor
+from qspec.compiler.source import Batch
+from qspec.compiler.stitch import Stitched
 from qspec.dsl import ir
 from qspec.dsl.diagnostics import Note
 from qspec.dsl.patterns import tie_key
@@ -234,7 +230,7 @@ def _infeasible(
     fixed: dict[str, float],
     params: int,
     plan: Plan,
-) -> UserError:
+) -> InfeasibleBudget:
     """The budget that cannot be met, the least it could be, and the layers that hold it up."""
     smallest = smallest_totals(layers, [limit.metric for limit in limits])
     totals = {m: v if m == "weight_bits" else v + fixed[m] for m, v in smallest.items()}
@@ -244,7 +240,7 @@ def _infeasible(
         reachable = ", ".join(
             f"{NAMES[lim.metric]} {show(lim, totals[lim.metric])}" for lim in limits
         )
-        return UserError(
+        return InfeasibleBudget(
             "the budgets cannot all be met at once",
             limits[0].span,
             help=f"each alone can (smallest achievable: {reachable}): relax one of them",
@@ -256,7 +252,7 @@ def _infeasible(
         f"{show(limit, totals[limit.metric])}"
     )
     if rate <= 0:
-        return UserError(
+        return InfeasibleBudget(
             message,
             limit.span,
             help=f"what does not choose already takes {show(limit, fixed[limit.metric])}",
@@ -275,7 +271,7 @@ def _infeasible(
     )
     binding = [n for over, n in excess if over > 0]
     shown = ", ".join(binding[:4]) + (f" and {len(binding) - 4} more" if len(binding) > 4 else "")
-    return UserError(
+    return InfeasibleBudget(
         message,
         limit.span,
         help=f"these layers cannot get under it: {shown}; give them cheaper candidates or raise "
@@ -337,55 +333,16 @@ def _evolve(
 def _fitness(
     state: State, name: str, sensitivity: Sensitivity, units: Sequence[Sequence[str]]
 ) -> tuple[Callable[[Sequence[int], int], float], int]:
-    """fitness(choice, samples): the stitched model's agreement with the float model on the
-    first `samples` calibration rows (cosine, or minus the KL of the softmax outputs), or the
-    spec's evaluate score; and how many samples there are."""
-    working = copy.deepcopy(state.graph.module).eval()
-    layers = state.graph.layers
+    """fitness(choice, samples) of a choice per unit, on the stitched model, and how many
+    samples there are (the evaluate entry takes no sample count: one)."""
+    stitched = Stitched(state)
 
-    def stitch(choice: Sequence[int]) -> None:
+    def fitness(choice: Sequence[int], samples: int) -> float:
         for unit, c in zip(units, choice, strict=True):
-            for layer_name in unit:
-                module = working.get_submodule(layer_name)
-                assign_weight(module, layers[layer_name], sensitivity.options[layer_name][c].weight)
+            for layer in unit:
+                stitched.put(layer, sensitivity.options[layer][c].weight)
+        if name == "evaluate":
+            return stitched.score()
+        return stitched.agreement(name, samples)
 
-    if name == "evaluate":
-        assert state.spec.evaluate is not None
-        entry = state.spec.evaluate.entry
-
-        def score(choice: Sequence[int], _samples: int) -> float:
-            stitch(choice)
-            return float(call_entry(entry, "evaluate entry", working))
-
-        return score, 1
-    batches = state.calibration.batches
-    with torch.no_grad():
-        reference = [primary_tensor(state.graph.module(**b)).float() for b in batches]
-    total = sum(len(r) for r in reference)
-
-    def agreement(choice: Sequence[int], samples: int) -> float:
-        stitch(choice)
-        values, seen = [], 0
-        with torch.no_grad():
-            for batch, expected in zip(batches, reference, strict=True):
-                rows = min(len(expected), samples - seen)
-                if rows <= 0:
-                    break
-                output = primary_tensor(working(**rows_of(batch, 0, rows))).float()
-                values.append(_agreement(name, expected[:rows], output))
-                seen += rows
-        return float(np.concatenate(values).mean())
-
-    return agreement, total
-
-
-def _agreement(name: str, expected: torch.Tensor, output: torch.Tensor) -> np.ndarray:
-    """Per-sample cosine, or minus the mean KL(float || compressed) of softmax outputs."""
-    if name == "kl":
-        log_p = torch.log_softmax(expected.double(), dim=-1)
-        log_q = torch.log_softmax(output.double(), dim=-1)
-        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
-        return -kl.reshape(len(expected), -1).mean(1).numpy()
-    a = expected.reshape(len(expected), -1).double()
-    b = output.reshape(len(output), -1).double()
-    return torch.nn.functional.cosine_similarity(a, b, dim=1).numpy()
+    return fitness, 1 if name == "evaluate" else stitched.samples

@@ -377,15 +377,18 @@ def _lowrank_plan(node: ir.LowRank) -> LowRankPlan:
 # ---- explain -------------------------------------------------------------------------------
 
 
-def explain(plan: Plan) -> str:
-    """The per-layer table and each rule's match count, for `qspec explain`."""
+def explain(plan: Plan, chosen: dict[str, str] | None = None) -> str:
+    """The per-layer table and each rule's match count, for `qspec explain`; `chosen` replaces
+    the settings of layers a build's allocator decided."""
+    chosen = chosen or {}
     rows = [("layer", "kind", "shape", "settings", "decided by")]
     for name, layer_plan in plan.layers.items():
         layer = layer_plan.layer
         deciding = sorted({span for span in layer_plan.sources.values() if span.line})
         where = ", ".join(f"{_short(s.file)}:{s.line}" for s in deciding) or "-"
         shape = "x".join(str(d) for d in layer.weight_shape)
-        rows.append((name, layer.kind, shape, layer_plan.describe(), where))
+        settings = chosen.get(name, layer_plan.describe())
+        rows.append((name, layer.kind, shape, settings, where))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = [
         "  ".join(cell.ljust(width) for cell, width in zip(row, [*widths, 0], strict=True))

@@ -7,7 +7,8 @@ error is, by the spec's `sensitivity`:
 - `output` (default): trace(ΔW H ΔWᵀ), H = XᵀX / n, the layer's squared output error;
 - `hessian`: HAWQ's Tr(G)/n ‖ΔW‖², G the Gauss-Newton Hessian of the model output with respect
   to the layer's weight, its trace estimated by Hutchinson probes (Jacobian-vector products);
-- `metric`: the drop of the spec's `evaluate` score when only this layer is compressed (CalibTIP).
+- `metric`: the end-to-end loss when only this layer is compressed (CalibTIP): the drop of the
+  spec's `evaluate` score, or without one, 1 - cosine with the float model on calibration rows.
 
 Its costs are exact and additive: `size` the bytes the backend stores (codes, scales, zero points,
 masks, low-rank factors, bias), `weight_bits` the bits of its codes and low-rank factors, `bops`
@@ -17,7 +18,6 @@ in the layer's own measured ONNX Runtime time against the float layer.
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,13 +31,15 @@ from qspec.compiler.capture import Graph, matrix
 from qspec.compiler.latency import layer_latency
 from qspec.compiler.numerics import quantize
 from qspec.compiler.obs import output_error
-from qspec.compiler.pipeline import State, assign_weight
+from qspec.compiler.pipeline import State
 from qspec.compiler.qmodel import CompressedLayer, quant_spec
 from qspec.compiler.resolve import LayerPlan, Plan
-from qspec.compiler.source import Batch, call_entry
+from qspec.compiler.source import Batch
+from qspec.compiler.stitch import Stitched
 from qspec.compiler.verify import primary_tensor
 from qspec.passes import PIPELINE, calibrate
 
+METRIC_SAMPLES = 64  # calibration rows per end-to-end measurement of `sensitivity metric`
 HUTCHINSON_PROBES = 8
 HUTCHINSON_ROWS = 8
 
@@ -208,26 +210,31 @@ def stand_in(plan: LayerPlan, module: torch.nn.Module) -> CompressedLayer | None
 
 
 def _scorer(state: State, how: str) -> Callable[[str, np.ndarray], float]:
-    """For `sensitivity metric`: the score drop with one layer's weight replaced."""
+    """For `sensitivity metric`: the end-to-end loss with only one layer's weight replaced: the
+    drop of the evaluate score, or without an evaluate entry 1 - cosine with the float model on
+    the first METRIC_SAMPLES calibration rows."""
     if how != "metric":
         return lambda _name, _weight: 0.0
-    assert state.spec.evaluate is not None
-    entry = state.spec.evaluate.entry
-    working = copy.deepcopy(state.graph.module).eval()
-    baseline = float(call_entry(entry, "evaluate entry", working))
+    stitched = Stitched(state)
+    samples = min(METRIC_SAMPLES, stitched.samples)
+    if stitched.evaluate is not None:
+        baseline = stitched.score()
 
-    def drop(name: str, weight: np.ndarray) -> float:
-        module = working.get_submodule(name)
-        layer = state.graph.layers[name]
-        saved = module.weight.detach().clone()
-        assign_weight(module, layer, weight)
+        def loss() -> float:
+            return baseline - stitched.score()
+    else:
+
+        def loss() -> float:
+            return 1.0 - stitched.agreement("cosine", samples)
+
+    def replaced(name: str, weight: np.ndarray) -> float:
+        stitched.put(name, weight)
         try:
-            return baseline - float(call_entry(entry, "evaluate entry", working))
+            return loss()
         finally:
-            with torch.no_grad():
-                module.weight.copy_(saved)
+            stitched.reset(name)
 
-    return drop
+    return replaced
 
 
 def _gauss_newton_traces(state: State, names: Sequence[str]) -> dict[str, float]:

@@ -422,17 +422,13 @@ class Checker:
                 self.error("must be at least 1", option.span)
         if not has_candidates:
             self.warning("nothing to allocate: no rule uses weight choose [...]", allocate.span)
-        needs_evaluate = (
-            ("fitness", allocate.fitness, "evaluate"),
-            ("sensitivity", allocate.sensitivity, "metric"),
-        )
-        for keyword, option, value in needs_evaluate:
-            if option is not None and option.text == value and not has_evaluate:
-                self.error(
-                    f"{keyword} {value} needs an evaluate statement",
-                    option.span,
-                    help='add: evaluate "model.py:score"',
-                )
+        fitness = allocate.fitness
+        if fitness is not None and fitness.text == "evaluate" and not has_evaluate:
+            self.error(
+                "fitness evaluate needs an evaluate statement",
+                fitness.span,
+                help='add: evaluate "model.py:score", or use fitness cosine or kl',
+            )
 
 
 def check(spec: ir.Spec) -> list[Diagnostic]:

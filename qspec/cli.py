@@ -24,6 +24,7 @@ examples:
   qspec compile examples/minilm/int4.qspec -o build/int4     compile, verify, write the folder
   qspec run build/int4 --input in.npz --output out.npz       run an artifact on arrays
   qspec explain examples/minilm/int4.qspec    which rule decided what, per layer
+  qspec sweep examples/minilm/mixed.qspec --budget "weight bits=3..6 step 0.5" -o build/sweep
   qspec check examples/minilm/int4.qspec      parse and validate, one line per file
   qspec fmt examples/*.qspec                  rewrite files in canonical form
   qspec fmt --check spec.qspec                exit 1 and print a diff if it would change
@@ -127,6 +128,29 @@ def _parser() -> argparse.ArgumentParser:
     compile_.add_argument("--timings", action="store_true", help="print the time of each stage")
     compile_.set_defaults(command="compile", run=run_compile)
 
+    sweep = commands.add_parser(
+        "sweep",
+        help="compile a spec at several values of one budget",
+        description="Compile SPEC once per value of one budget (replacing the spec's own limit "
+        "of that metric), each into DIR/<budget>/, and write DIR/sweep.md, DIR/sweep.json and "
+        "DIR/sweep.png (held-out fidelity against artifact bytes). The candidates' sensitivity "
+        "is measured once for all points.",
+        epilog='examples:\n  qspec sweep examples/minilm/mixed.qspec --budget "weight bits=3..6 '
+        'step 0.5" -o build/sweep\n  qspec sweep spec.qspec --budget "size=12,16,20 MB" -o out',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.add_argument("spec", metavar="SPEC")
+    sweep.add_argument(
+        "--budget",
+        required=True,
+        metavar="RANGE",
+        help='"METRIC=LOW..HIGH step STEP [UNIT]" or "METRIC=V1,V2,... [UNIT]"; METRIC is '
+        "weight bits, size, bops or latency",
+    )
+    sweep.add_argument("-o", "--output", required=True, metavar="DIR", help="sweep folder")
+    sweep.add_argument("--timings", action="store_true", help="print the time of each stage")
+    sweep.set_defaults(command="sweep", run=run_sweep)
+
     run = commands.add_parser(
         "run",
         help="run a build folder on arrays",
@@ -147,10 +171,16 @@ def _parser() -> argparse.ArgumentParser:
         help="show which rule decided what for each layer",
         description="Load and capture the model (this runs the spec's model entry), resolve the "
         "rules and print the per-layer table and each rule's match count.",
-        epilog="example:\n  qspec explain examples/minilm/mixed.qspec",
+        epilog="examples:\n  qspec explain examples/minilm/mixed.qspec\n"
+        "  qspec explain examples/minilm/mixed.qspec --build build/mixed",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     explain.add_argument("spec", metavar="SPEC")
+    explain.add_argument(
+        "--build",
+        metavar="DIR",
+        help="a build folder of SPEC: show the candidate the allocator chose for each layer",
+    )
     explain.set_defaults(command="explain", run=run_explain)
     return parser
 
@@ -273,6 +303,23 @@ def summary(manifest: dict, report: dict, latency: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+def run_sweep(args: argparse.Namespace) -> int:
+    from qspec.compiler.sweep import sweep_spec
+
+    log = (lambda line: print(f"  {line}", file=sys.stderr)) if args.timings else (lambda _: None)
+    rows = sweep_spec(args.spec, args.budget, args.output, log)
+    for row in rows:
+        if row["status"] == "ok":
+            print(
+                f"{row['budget']}: {row['artifact_bytes'] / 1e6:.2f} MB, cosine "
+                f"{row['cosine_mean']:.5f}, measured {row['measured']}"
+            )
+        else:
+            print(f"{row['budget']}: {row['status']}")
+    print(f"wrote {Path(args.output) / 'sweep.md'} and sweep.png")
+    return OK
+
+
 def run_artifact(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -295,5 +342,5 @@ def run_artifact(args: argparse.Namespace) -> int:
 def run_explain(args: argparse.Namespace) -> int:
     from qspec.compiler.driver import explain_spec
 
-    print(explain_spec(args.spec))
+    print(explain_spec(args.spec, args.build))
     return OK

@@ -74,3 +74,14 @@ def test_infeasible_budget_names_the_smallest_achievable_total():
     assert caught.value.violated == "bits"
     assert caught.value.smallest["bits"] == pytest.approx(lowest)
     assert f"{lowest:g}" in str(caught.value)
+
+
+def test_budgets_that_only_fail_together():
+    """Each budget alone can be met, but the cheap candidate in one metric is the dear one in
+    the other."""
+    options = [Candidate(0.0, {"a": 1, "b": 3}), Candidate(0.0, {"a": 3, "b": 1})]
+    with pytest.raises(Infeasible) as caught:
+        allocate([options, options], {"a": 3, "b": 3})
+    assert caught.value.violated is None
+    assert caught.value.smallest == {"a": 2, "b": 2}
+    assert "cannot all be met at once" in str(caught.value)
