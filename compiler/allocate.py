@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import sparse
-from scipy.optimize import Bounds, LinearConstraint, milp
+from scipy.optimize import Bounds, LinearConstraint, linprog, milp
 
 
 @dataclass(frozen=True)
@@ -58,19 +58,95 @@ def allocate(
     budgets: Mapping[str, float],
     ties: Sequence[Sequence[int]] = (),
 ) -> list[int]:
-    """The candidate index chosen for each layer (an optimal solution of the program above)."""
+    """The candidate index chosen for each layer (an optimal solution of the program above).
+
+    Reduced-cost fixing keeps the exact program small: with the LP relaxation's optimum z_lp
+    and reduced costs d, any assignment that picks a candidate j costs at least z_lp + d_j. So
+    the program is solved over the candidates with d_j <= gap only (tied layers keep all
+    theirs); an optimum z* <= z_lp + gap of that restriction is optimal for the whole program,
+    otherwise the gap widens to z* - z_lp (or to everything when the restriction is infeasible)
+    and it is solved again."""
+    relaxed = _solve(layers, budgets, ties, relax=True)
+    if relaxed.status == 2:
+        raise _infeasible(layers, budgets)
     offsets = np.cumsum([0, *(len(options) for options in layers)])
-    count = int(offsets[-1])
+    reduced_cost = [
+        relaxed.lower.marginals[offsets[i] : offsets[i + 1]] for i in range(len(layers))
+    ]
+    tied = {i for group in ties for i in group}
+    gap = 1e-6 * max(1.0, abs(relaxed.fun))
+    while True:
+        kept = [
+            list(range(len(options))) if i in tied else list(np.flatnonzero(reduced_cost[i] <= gap))
+            for i, options in enumerate(layers)
+        ]
+        choice, objective, status = _restricted(layers, budgets, ties, kept)
+        everything = all(len(k) == len(o) for k, o in zip(kept, layers, strict=True))
+        if status == 0 and (everything or objective <= relaxed.fun + gap):
+            return choice
+        if status == 0:
+            gap = objective - relaxed.fun
+        elif not everything:
+            gap = np.inf  # an integer-infeasible restriction: solve the whole program
+        else:
+            raise _infeasible(layers, budgets)
+
+
+def _restricted(layers, budgets, ties, kept) -> tuple[list[int], float, int]:
+    """The program over the kept candidates only. Layers left with one candidate are decided:
+    their costs come off the budgets and only the others enter HiGHS."""
+    free = [i for i, k in enumerate(kept) if len(k) > 1]
+    decided = {i: kept[i][0] for i, k in enumerate(kept) if len(k) == 1}
+    spent = {m: sum(layers[i][c].costs[m] for i, c in decided.items()) for m in budgets}
+    fixed_error = sum(layers[i][c].error for i, c in decided.items())
+    position = {layer: p for p, layer in enumerate(free)}
+    sub_ties = [[position[i] for i in group] for group in ties]
+    sub_layers = [[layers[i][c] for c in kept[i]] for i in free]
+    remaining = {m: bound - spent[m] for m, bound in budgets.items()}
+    if not free:
+        feasible = all(v >= -1e-9 * max(1.0, abs(budgets[m])) for m, v in remaining.items())
+        return [decided[i] for i in range(len(layers))], fixed_error, 0 if feasible else 2
+    result = _solve(sub_layers, remaining, sub_ties, relax=False)
+    if result.status != 0:
+        return [], np.inf, result.status
+    values = np.round(result.x).astype(int)
+    starts = np.cumsum([0, *(len(options) for options in sub_layers)])
+    for p, i in enumerate(free):
+        decided[i] = kept[i][int(np.argmax(values[starts[p] : starts[p + 1]]))]
+    return [decided[i] for i in range(len(layers))], fixed_error + result.fun, 0
+
+
+def _solve(layers, budgets, ties, relax: bool):
+    """The program (or its LP relaxation, with reduced costs) solved by HiGHS."""
+    offsets = np.cumsum([0, *(len(options) for options in layers)])
     error = np.array([c.error for options in layers for c in options], dtype=np.float64)
-    # one-of-each-layer rows, as a sparse matrix: dense would be layers x candidates
+    choice, equal, limits, bounds = _constraints(layers, offsets, budgets, ties)
+    if relax:
+        result = linprog(
+            error, A_ub=limits, b_ub=bounds, A_eq=choice, b_eq=equal, bounds=(0, 1), method="highs"
+        )
+    else:
+        rows = [LinearConstraint(choice, equal, equal)]
+        if limits is not None:
+            rows.append(LinearConstraint(limits, -np.inf, bounds))
+        result = milp(
+            error,
+            constraints=rows,
+            integrality=np.ones(len(error)),
+            bounds=Bounds(0, 1),
+            options={"mip_rel_gap": 0.0},
+        )
+    if result.status not in (0, 2):
+        raise RuntimeError(f"the allocation program was not solved: {result.message}")
+    return result
+
+
+def _constraints(layers, offsets, budgets, ties):
+    """The rows of the program: one-of-each-layer and tie equalities, budget inequalities."""
+    count = int(offsets[-1])
     layer_of = np.repeat(np.arange(len(layers)), np.diff(offsets))
-    blocks = [sparse.csr_matrix((np.ones(count), (layer_of, np.arange(count))))]
-    lower, upper = [np.ones(len(layers))], [np.ones(len(layers))]
-    for metric, bound in budgets.items():
-        costs = [c.costs[metric] for options in layers for c in options]
-        blocks.append(sparse.csr_matrix(np.array([costs], dtype=np.float64)))
-        lower.append(np.array([-np.inf]))
-        upper.append(np.array([bound]))
+    rows = [sparse.csr_matrix((np.ones(count), (layer_of, np.arange(count))))]
+    equal = [np.ones(len(layers))]
     for group in ties:
         first = group[0]
         for other in group[1:]:
@@ -81,23 +157,22 @@ def allocate(
                 [offsets[first] + np.arange(width), offsets[other] + np.arange(width)]
             )
             values = np.concatenate([np.ones(width), -np.ones(width)])
-            rows = np.tile(np.arange(width), 2)
-            blocks.append(sparse.csr_matrix((values, (rows, columns)), shape=(width, count)))
-            lower.append(np.zeros(width))
-            upper.append(np.zeros(width))
-    result = milp(
-        error,
-        constraints=LinearConstraint(
-            sparse.vstack(blocks), np.concatenate(lower), np.concatenate(upper)
-        ),
-        integrality=np.ones(count),
-        bounds=Bounds(0, 1),
+            pairs = np.tile(np.arange(width), 2)
+            rows.append(sparse.csr_matrix((values, (pairs, columns)), shape=(width, count)))
+            equal.append(np.zeros(width))
+    limits = None
+    if budgets:
+        costs = [[c.costs[k] for options in layers for c in options] for k in budgets]
+        limits = sparse.csr_matrix(np.array(costs, dtype=np.float64))
+    return (
+        sparse.vstack(rows).tocsr(),
+        np.concatenate(equal),
+        limits,
+        np.array(list(budgets.values()), dtype=np.float64),
     )
-    if result.status == 2 or result.x is None:  # infeasible
-        smallest = smallest_totals(layers, list(budgets))
-        violated = next((k for k, bound in budgets.items() if smallest[k] > bound), None)
-        raise Infeasible(violated, smallest)
-    if not result.success:
-        raise RuntimeError(f"the allocation program was not solved: {result.message}")
-    chosen = np.round(result.x).astype(int)
-    return [int(np.argmax(chosen[offsets[i] : offsets[i + 1]])) for i in range(len(layers))]
+
+
+def _infeasible(layers, budgets) -> Infeasible:
+    smallest = smallest_totals(layers, list(budgets))
+    violated = next((k for k, bound in budgets.items() if smallest[k] > bound), None)
+    return Infeasible(violated, smallest)
