@@ -77,7 +77,9 @@ def allocate(
     gap = 1e-6 * max(1.0, abs(relaxed.fun))
     while True:
         kept = [
-            list(range(len(options))) if i in tied else list(np.flatnonzero(reduced_cost[i] <= gap))
+            list(range(len(options)))
+            if i in tied
+            else [int(c) for c in np.flatnonzero(reduced_cost[i] <= gap)]
             for i, options in enumerate(layers)
         ]
         choice, objective, status = _restricted(layers, budgets, ties, kept)

@@ -89,11 +89,9 @@ def allocate_plan(
     record: dict = {
         "strategy": strategy,
         "sensitivity": sensitivity.measure,
-        "sensitivity_seconds": round(sensitivity.seconds, 2),
         "ilp": {
             "optimal": True,
             "objective": float(sum(layers[i][c].error for i, c in enumerate(chosen))),
-            "solve_seconds": round(solve_seconds, 4),
         },
     }
     if strategy == "evolution":

@@ -83,5 +83,6 @@ def test_budgets_that_only_fail_together():
     with pytest.raises(Infeasible) as caught:
         allocate([options, options], {"a": 3, "b": 3})
     assert caught.value.violated is None
+    assert all(type(c) is int for c in allocate([options, options], {"a": 4}))  # JSON-able
     assert caught.value.smallest == {"a": 2, "b": 2}
     assert "cannot all be met at once" in str(caught.value)

@@ -267,3 +267,24 @@ def test_bad_budget_ranges(text: str, message: str):
     with pytest.raises(UserError) as caught:
         parse_budget(text)
     assert message in str(caught.value)
+
+
+def test_minilm_mixed_under_a_size_budget(tmp_path: Path):
+    """The real model: two blocks choose under a size budget; the file meets it, and the
+    allocator spends the bytes where the output error falls most."""
+    examples = Path(__file__).parents[1] / "examples" / "minilm"
+    spec = tmp_path / "mixed.qspec"
+    spec.write_text(
+        f'qspec 1\ninclude "{examples / "common.qspec"}"\n'
+        'layer "bert.encoder.layer.{0,1}.*" {\n'
+        "  weight choose [int3 group 32 asymmetric, int4 group 32 asymmetric, int8 channel]\n}\n"
+        'layer "bert.encoder.layer.{2,3,4,5}.*" {\n  weight int4 group 32 asymmetric\n}\n'
+        "budget {\n  size <= 55 MB\n}\n"
+    )
+    build = qspec.compile(spec, tmp_path / "out")
+    size = (tmp_path / "out" / "model.onnx").stat().st_size
+    assert size == build.manifest["totals"]["artifact_bytes"] <= 55e6
+    chosen = {layer["chosen"] for layer in build.manifest["allocation"]["layers"]}
+    assert len(build.manifest["allocation"]["layers"]) == 12 and len(chosen) > 1
+    assert build.manifest["budgets"][0]["met"]
+    assert build.fidelity.cosine_mean > 0.97
