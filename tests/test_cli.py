@@ -29,7 +29,7 @@ def test_check_prints_one_line_per_file(capsys):
     assert main(["check", *paths]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out == [
-        f"{paths[0]}: ok: 3 rules, 1 target, 3 budgets",
+        f"{paths[0]}: ok: 1 rule, 1 target, 1 budget",
         f"{paths[1]}: ok: 1 rule, 1 target, 0 budgets",
     ]
 
