@@ -84,7 +84,7 @@ def allocate(
         ]
         choice, objective, status = _restricted(layers, budgets, ties, kept)
         everything = all(len(k) == len(o) for k, o in zip(kept, layers, strict=True))
-        if status == 0 and (everything or objective <= relaxed.fun + gap):
+        if status == 0 and (everything or objective <= relaxed.fun + gap * (1 + 1e-9)):
             return choice
         if status == 0:
             gap = objective - relaxed.fun
