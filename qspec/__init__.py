@@ -23,6 +23,14 @@ def compile(spec, out_dir, **options):
     return compile_spec(spec, out_dir, **options)
 
 
+def sweep(spec, budget, out_dir, log=lambda _: None):
+    """Compile a spec at several values of one budget (`"weight bits=3..6 step 0.5"`); returns
+    one row per point. See `qspec sweep`."""
+    from qspec.compiler.sweep import sweep_spec
+
+    return sweep_spec(spec, budget, out_dir, log)
+
+
 def load(folder, backend=None):
     """A callable over named numpy arrays for the artifact in a build folder."""
     from qspec.backends.runtime import load as load_build
@@ -30,4 +38,13 @@ def load(folder, backend=None):
     return load_build(folder, backend)
 
 
-__all__ = ["Checked", "SpecError", "__version__", "check_file", "compile", "load", "load_spec"]
+__all__ = [
+    "Checked",
+    "SpecError",
+    "__version__",
+    "check_file",
+    "compile",
+    "load",
+    "load_spec",
+    "sweep",
+]
