@@ -123,17 +123,17 @@ def main() -> None:
         result = compile_spec(name, text)
         fidelity, totals = result["report"]["fidelity"], result["manifest"]["totals"]
         bits = "4.0" if name.endswith("4") else "3.0"
+        evolution = result["manifest"].get("allocation", {}).get("evolution")
+        if evolution:
+            label += (
+                f" (calibration cosine {evolution['start_fitness']:.5f} -> "
+                f"{evolution['best_fitness']:.5f})"
+            )
         lines.append(
             f"| {bits} | {label} | {bits_of(result['manifest']):.3f} "
             f"| {totals['artifact_bytes'] / 1e6:.2f} | {fidelity['cosine_mean']:.5f} "
             f"| {fidelity['cosine_min']:.5f} | {result['seconds']:.0f} |"
         )
-        evolution = result["manifest"].get("allocation", {}).get("evolution")
-        if evolution:
-            lines[-1] += (
-                f" (calibration fitness {evolution['start_fitness']:.5f} -> "
-                f"{evolution['best_fitness']:.5f})"
-            )
         print(lines[-1], flush=True)
     seconds, variables = solve_time()
     solve = f"2,000 layers x 6 candidates x 3 budgets ({variables:,} binaries): {seconds:.2f} s"
@@ -169,7 +169,8 @@ def main() -> None:
         "36 Linears; the uniform rows with one GPTQ format, the others with `weight choose "
         f"[...] round gptq` over the candidates below and `weight bits <= B`. Cosine: the ONNX "
         "artifact's sentence embeddings against the float model's on the 32 held-out "
-        "sentences.\n\n"
+        "sentences. Compile seconds include each row's own sensitivity measurement and were taken "
+        "while other jobs shared the 2 cores.\n\n"
         f"- 4.0 bits: choose among {CANDIDATES[4.0]}\n"
         f"- 3.0 bits: choose among {CANDIDATES[3.0]}\n\n"
         + "\n".join(lines)
