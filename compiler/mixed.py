@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from qspec.backends.onnx.export import emit
 from qspec.compiler.allocate import Candidate, Infeasible, allocate, smallest_totals
 from qspec.compiler.budgets import NAMES, in_unit, limit_text, show
@@ -92,6 +94,7 @@ def allocate_plan(
         "ilp": {
             "optimal": True,
             "objective": float(sum(layers[i][c].error for i, c in enumerate(chosen))),
+            "chosen": list(chosen),
         },
     }
     if strategy == "evolution":
@@ -291,7 +294,12 @@ def _evolve(
     chosen: Sequence[int],
 ) -> tuple[list[int], dict]:
     """EvoPress from the ILP's choice: units are tie groups, fitness end to end on the
-    calibration batches, each candidate's compressed weight stitched into one working model."""
+    calibration batches, each candidate's compressed weight stitched into one working model.
+
+    The search's best replaces the ILP's choice only if its per-sample gain over it is
+    significant (mean > 2 standard errors): a gain within sampling noise on the calibration
+    rows is as likely to be a loss on new data, and the ILP's choice is proven optimal for its
+    own objective."""
     allocate = state.spec.allocate
     assert allocate is not None
     fitness_name = allocate.fitness.text if allocate.fitness else "cosine"
@@ -302,9 +310,22 @@ def _evolve(
         ]
         for unit in units
     ]
-    fitness, samples = _fitness(state, fitness_name, sensitivity, units)
+    stitched = Stitched(state)
+
+    def stitch(choice: Sequence[int]) -> None:
+        for unit, c in zip(units, choice, strict=True):
+            for layer in unit:
+                stitched.put(layer, sensitivity.options[layer][c].weight)
+
+    def fitness(choice: Sequence[int], samples: int) -> float:
+        stitch(choice)
+        if fitness_name == "evaluate":
+            return stitched.score()
+        return float(stitched.per_sample(fitness_name, samples).mean())
+
     position = {name: i for i, name in enumerate(names)}
     start = [chosen[position[unit[0]]] for unit in units]
+    samples = 1 if fitness_name == "evaluate" else stitched.samples
     result = evolve(
         Problem(unit_costs, budgets),
         start,
@@ -314,10 +335,6 @@ def _evolve(
         offspring=int(allocate.offspring.value) if allocate.offspring else 8,
         seed=int(allocate.seed.value) if allocate.seed else 0,
     )
-    decided = list(chosen)
-    for unit, choice in zip(units, result.choice, strict=True):
-        for name in unit:
-            decided[position[name]] = choice
     record = {
         "fitness": fitness_name,
         "start_fitness": result.start_fitness,
@@ -325,22 +342,19 @@ def _evolve(
         "history": result.history,
         "evaluations": result.evaluations,
     }
+    best = result.choice
+    if best != start and fitness_name != "evaluate":
+        stitch(start)
+        before = stitched.per_sample(fitness_name, samples)
+        stitch(best)
+        gain = stitched.per_sample(fitness_name, samples) - before
+        error = float(gain.std(ddof=1) / np.sqrt(len(gain)))
+        record["gain"] = {"mean": float(gain.mean()), "standard_error": error}
+        if gain.mean() <= 2 * error:
+            best = start
+    record["accepted"] = best != start
+    decided = list(chosen)
+    for unit, choice in zip(units, best, strict=True):
+        for name in unit:
+            decided[position[name]] = choice
     return decided, record
-
-
-def _fitness(
-    state: State, name: str, sensitivity: Sensitivity, units: Sequence[Sequence[str]]
-) -> tuple[Callable[[Sequence[int], int], float], int]:
-    """fitness(choice, samples) of a choice per unit, on the stitched model, and how many
-    samples there are (the evaluate entry takes no sample count: one)."""
-    stitched = Stitched(state)
-
-    def fitness(choice: Sequence[int], samples: int) -> float:
-        for unit, c in zip(units, choice, strict=True):
-            for layer in unit:
-                stitched.put(layer, sensitivity.options[layer][c].weight)
-        if name == "evaluate":
-            return stitched.score()
-        return stitched.agreement(name, samples)
-
-    return fitness, 1 if name == "evaluate" else stitched.samples

@@ -43,9 +43,11 @@ class Stitched:
         return float(call_entry(self.evaluate.entry, "evaluate entry", self.working))
 
     def agreement(self, measure: str, samples: int) -> float:
-        """Mean per-sample cosine with the float model's output on the first `samples`
-        calibration rows, or (measure 'kl') minus the mean KL(float || stitched) of their
-        softmax outputs."""
+        return float(self.per_sample(measure, samples).mean())
+
+    def per_sample(self, measure: str, samples: int) -> np.ndarray:
+        """Per-sample cosine with the float model's output on the first `samples` calibration
+        rows, or (measure 'kl') minus the KL(float || stitched) of their softmax outputs."""
         values, seen = [], 0
         with torch.no_grad():
             for batch, expected in zip(self.batches, self.reference(), strict=True):
@@ -55,7 +57,7 @@ class Stitched:
                 output = primary_tensor(self.working(**rows_of(batch, 0, rows))).float()
                 values.append(_agreement(measure, expected[:rows], output))
                 seen += rows
-        return float(np.concatenate(values).mean())
+        return np.concatenate(values)
 
     def reference(self) -> list[torch.Tensor]:
         if self._reference is None:

@@ -197,6 +197,12 @@ def test_evolution_starts_from_the_ilp_and_is_repeatable(tmp_path: Path):
     first = compiled(tmp_path / "a", body)["allocation"]
     second = compiled(tmp_path / "b", body)["allocation"]
     assert first["evolution"]["best_fitness"] >= first["evolution"]["start_fitness"]
+    final = [layer["chosen"] for layer in first["layers"]]
+    if not first["evolution"]["accepted"]:  # no significant gain: the ILP's choice stays
+        assert final == first["ilp"]["chosen"]
+    else:
+        gain = first["evolution"]["gain"]
+        assert gain["mean"] > 2 * gain["standard_error"] and final != first["ilp"]["chosen"]
     assert first["evolution"]["history"] == second["evolution"]["history"]
     assert [layer["chosen"] for layer in first["layers"]] == [
         layer["chosen"] for layer in second["layers"]
