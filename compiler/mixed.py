@@ -69,7 +69,10 @@ def allocate_plan(
     strategy = spec.allocate.strategy.text if spec.allocate else "ilp"
     how = spec.allocate.sensitivity.text if spec.allocate and spec.allocate.sensitivity else None
     metrics = {limit.metric for limit in limits}
-    if sensitivity is None:
+    timed = sensitivity is not None and all(
+        "latency" in option.costs for options in sensitivity.options.values() for option in options
+    )
+    if sensitivity is None or ("latency" in metrics and not timed):
         batch = latency_batch if "latency" in metrics else None
         shapes = layer_inputs(state.graph, names, batch) if batch is not None else None
         sensitivity = measure(state, how or "output", shapes, log)
