@@ -24,15 +24,15 @@ import numpy as np
 
 from qspec.backends.onnx.export import emit
 from qspec.compiler.allocate import Candidate, Infeasible, allocate, smallest_totals
-from qspec.compiler.budgets import NAMES, in_unit, limit_text, show
+from qspec.compiler.budgets import NAMES, bops, in_unit, limit_text, show
 from qspec.compiler.errors import InfeasibleBudget, UserError
 from qspec.compiler.evolution import Problem, evolve
 from qspec.compiler.latency import session_latency
 from qspec.compiler.pipeline import State
+from qspec.compiler.report import float_param_bytes
 from qspec.compiler.resolve import Plan
 from qspec.compiler.sensitivity import (
     Sensitivity,
-    layer_costs,
     layer_inputs,
     measure,
     stand_in,
@@ -78,7 +78,10 @@ def allocate_plan(
         sensitivity = measure(state, how or "output", shapes, log)
         log(f"sensitivity: {sensitivity.seconds:.1f} s")
     units = _tie_groups(spec.ties, names, plan)
-    fixed = _fixed_costs(state, names, metrics, latency_batch)
+    missing = metrics - {"weight_bits"} - sensitivity.fixed.keys()
+    if missing:  # measured once per metric, then shared by sweep points and size retries
+        sensitivity.fixed.update(_fixed_costs(state, names, missing, latency_batch))
+    fixed = sensitivity.fixed
     params = sum(plan.layers[n].layer.params_in_weight for n in names)
     budgets = {limit.metric: _bound(limit, fixed, params) for limit in limits}
     layers = [[Candidate(o.error, o.costs) for o in sensitivity.options[name]] for name in names]
@@ -163,21 +166,14 @@ def _fixed_costs(
         if name not in names
     }
     if "bops" in metrics:
-        fixed["bops"] = sum(
-            layer_costs(plan.layers[n], c, graph.module.get_submodule(n))["bops"]
-            for n, c in others.items()
-        )
+        fixed["bops"] = sum(bops(plan.layers[n]) for n in others)
     if not metrics & {"size", "latency"}:
         return fixed
     qmodel = {name: c for name, c in others.items() if c is not None}
     target = state.spec.targets[0] if state.spec.targets else None
     with tempfile.TemporaryDirectory() as folder:
         artifact = emit(graph, qmodel, target, Path(folder) / "model.onnx")
-        float_bytes = sum(
-            p.numel() * p.element_size()
-            for n in names
-            for p in graph.module.get_submodule(n).parameters(recurse=False)
-        )
+        float_bytes = sum(float_param_bytes(graph.module.get_submodule(n)) for n in names)
         fixed["size"] = artifact.total_bytes - float_bytes
         if "latency" in metrics:
             assert batch is not None

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from qspec.compiler.numerics import quantize
 from qspec.compiler.obs import output_error
 from qspec.compiler.pipeline import State
 from qspec.compiler.qmodel import CompressedLayer, quant_spec
+from qspec.compiler.report import float_param_bytes
 from qspec.compiler.resolve import LayerPlan, Plan
 from qspec.compiler.source import Batch
 from qspec.compiler.stitch import Stitched
@@ -60,6 +61,7 @@ class Sensitivity:
     options: dict[str, list[Option]]  # choosing layer -> its candidates, in spec order
     measure: str
     seconds: float
+    fixed: dict[str, float] = field(default_factory=dict)  # metric -> total of the rest
 
 
 def measure(
@@ -129,10 +131,7 @@ def layer_costs(
     plan: LayerPlan, compressed: CompressedLayer | None, module: torch.nn.Module
 ) -> dict[str, float]:
     """Bytes (as the backend stores them), weight bits and BOPs of one layer as planned."""
-    if compressed is None:
-        size = sum(p.numel() * p.element_size() for p in module.parameters(recurse=False))
-    else:
-        size = stored_bytes(compressed, module)
+    size = float_param_bytes(module) if compressed is None else stored_bytes(compressed, module)
     return {"size": float(size), "weight_bits": weight_bits(plan), "bops": bops(plan)}
 
 

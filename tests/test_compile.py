@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from projects import write_project
 
 import qspec
 from qspec.dsl.diagnostics import SpecError
@@ -46,13 +47,7 @@ def batches():
 
 
 def tiny_project(tmp_path: Path, body: str, model: str = TINY_MODEL) -> Path:
-    (tmp_path / "model.py").write_text(model)
-    spec = tmp_path / "tiny.qspec"
-    spec.write_text(
-        'qspec 1\nmodel "model.py:load"\ncalibration "model.py:batches" samples 32 holdout 16\n'
-        + body
-    )
-    return spec
+    return write_project(tmp_path, model, body)
 
 
 def compile_error(spec: Path, out: Path) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+from projects import write_project
 
 import qspec
 from qspec.cli import main
@@ -65,16 +66,8 @@ layer "fc*" {
 
 
 def project(tmp_path: Path, body: str, evaluate: bool = True) -> Path:
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    (tmp_path / "model.py").write_text(MODEL)
-    spec = tmp_path / "mixed.qspec"
-    spec.write_text(
-        'qspec 1\nmodel "model.py:load"\ncalibration "model.py:batches" samples 32 holdout 16\n'
-        + 'evaluate "model.py:score"\n' * evaluate
-        + "target onnx\n"
-        + body
-    )
-    return spec
+    header = 'evaluate "model.py:score"\n' * evaluate + "target onnx\n"
+    return write_project(tmp_path, MODEL, header + body, "mixed.qspec")
 
 
 def compiled(tmp_path: Path, body: str) -> dict:
