@@ -42,7 +42,66 @@ class OnnxRunner:
         return outputs[self.output_names[0]]
 
 
-def load(folder: str | Path, backend: str | None = None) -> OnnxRunner:
+class TvmRunner:
+    """A Relax VirtualMachine over `model.so` with the parameters of `params.bin`; called like
+    OnnxRunner. The output names follow the ONNX artifact's: `output`, or `output_0`, ..."""
+
+    def __init__(self, folder: Path, entry: dict, inputs: list[str]):
+        import tvm
+        from tvm import relax
+
+        if entry["device"] == "cuda" and not tvm.cuda().exist:
+            raise UserError(f"{folder} is compiled for CUDA and this machine has no GPU")
+        device = tvm.cuda() if entry["device"] == "cuda" else tvm.cpu()
+        library = tvm.runtime.load_module(str(folder / entry["file"]))
+        self.vm = relax.VirtualMachine(library, device)
+        stored = tvm.runtime.load_param_dict_from_file(str(folder / entry["params"]))
+        self.params = [stored[name].copyto(device) for name in entry["param_names"]]
+        self.device, self.input_names = device, inputs
+        self.output_names: list[str] | None = None
+
+    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import tvm
+
+        missing = [name for name in self.input_names if name not in inputs]
+        if missing:
+            raise UserError(f"missing inputs {missing}; the model takes {self.input_names}")
+        feed = [tvm.runtime.tensor(np.asarray(inputs[n]), self.device) for n in self.input_names]
+        result = self.vm["main"](*feed, *self.params)
+        outputs = [result] if hasattr(result, "numpy") else list(result)
+        arrays = [output.numpy() for output in outputs]
+        if self.output_names is None:
+            count = len(arrays)
+            self.output_names = ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+        return dict(zip(self.output_names, arrays, strict=True))
+
+    def primary(self, batch: Mapping) -> np.ndarray:
+        """The first output for a batch of torch tensors (used by verification)."""
+        return next(iter(self({k: v.numpy() for k, v in batch.items()}).values()))
+
+
+Runner = OnnxRunner | TvmRunner
+
+
+def cuda_available(backend: str) -> bool:
+    """Whether this machine can run a CUDA artifact of the backend."""
+    if backend == "tvm":
+        import tvm
+
+        return bool(tvm.cuda().exist)
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+def open_target(folder: Path, entry: dict, inputs: list[str], threads: int = 0) -> Runner:
+    """The runner of one entry of a manifest's `targets`."""
+    if entry["backend"] == "tvm":
+        return TvmRunner(folder, entry, inputs)
+    return OnnxRunner(folder / entry["file"], threads, device=entry.get("device", "cpu"))
+
+
+def load(folder: str | Path, backend: str | None = None) -> Runner:
     """A callable over numpy arrays for the artifact in a build folder."""
     folder = Path(folder)
     try:
@@ -54,4 +113,4 @@ def load(folder: str | Path, backend: str | None = None) -> OnnxRunner:
     if chosen is None:
         available = ", ".join(t["backend"] for t in targets)
         raise UserError(f"the build has no {backend} artifact (it has: {available})")
-    return OnnxRunner(folder / chosen["file"], device=chosen.get("device", "cpu"))
+    return open_target(folder, chosen, list(manifest["model"]["inputs"]))

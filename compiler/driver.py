@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
-import onnx
-
-from qspec.backends.onnx.export import emit
-from qspec.backends.runtime import OnnxRunner
+from qspec.backends.onnx.export import OnnxArtifact
+from qspec.backends.onnx.export import emit as emit_onnx
+from qspec.backends.runtime import cuda_available, open_target
+from qspec.backends.tvm.export import TvmArtifact
+from qspec.backends.tvm.export import emit as emit_tvm
 from qspec.compiler import report
 from qspec.compiler.budgets import EXACT, SIZE_ATTEMPTS, check_budgets, size_excess, tightened
 from qspec.compiler.build import (
@@ -25,7 +26,7 @@ from qspec.compiler.build import (
 )
 from qspec.compiler.capture import Graph, capture
 from qspec.compiler.errors import CompileFailure, UserError
-from qspec.compiler.latency import session_latency
+from qspec.compiler.latency import runner_latency
 from qspec.compiler.mixed import Allocation, allocate_plan, choosing
 from qspec.compiler.pipeline import State, run_passes
 from qspec.compiler.resolve import Plan, explain, resolve
@@ -43,8 +44,18 @@ from qspec.dsl.diagnostics import SpecError
 from qspec.dsl.load import check_file
 from qspec.passes import PIPELINE
 
-TOOLS = ("torch", "onnx", "onnxruntime", "onnxscript", "numpy", "lark", "transformers")
+TOOLS = (
+    "torch",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "apache-tvm",
+    "numpy",
+    "lark",
+    "transformers",
+)
 DEFAULT_TARGET = ir.Target(ir.Word("onnx"))
+Artifact = OnnxArtifact | TvmArtifact
 
 
 @dataclass
@@ -130,13 +141,6 @@ class Prepared:
 
 def prepare(spec: ir.Spec, log: Callable[[str], None] = lambda _: None) -> Prepared:
     clock = _Clock(log)
-    for target in spec.targets:
-        if target.backend.text != "onnx":
-            raise UserError(
-                f"the {target.backend.text} backend is not available in this build",
-                target.backend.span,
-                help="compile for target onnx",
-            )
     model = load_model(_model_of(spec))
     calibration = load_calibration(spec.calibration, model, _model_of(spec).path)
     clock.lap("load")
@@ -157,7 +161,7 @@ def build(
     spec, graph, calibration = prepared.spec, prepared.graph, prepared.calibration
     clock = _Clock(log, dict(prepared.timings))
     largest = max(calibration.holdout, key=lambda b: next(iter(b.values())).numel())
-    target = spec.targets[0] if spec.targets else DEFAULT_TARGET
+    primary, *others = spec.targets or (DEFAULT_TARGET,)
     requested, limits, reserve = list(limits), list(limits), 0
     with staged(out_dir) as stage:
         for attempt in range(SIZE_ATTEMPTS):
@@ -165,8 +169,8 @@ def build(
             clock.lap("allocate")
             plan = allocation.plan if allocation else prepared.plan
             state = _run_passes(prepared, plan, log, clock)
-            artifact = emit(graph, state.qmodel, target, stage / "model.onnx")
-            clock.lap("emit onnx")
+            artifact = _emit(graph, state.qmodel, primary, stage, {})
+            clock.lap(f"emit {primary.name}")
             over = size_excess(requested, artifact.total_bytes)
             if over <= 0 or allocation is None or attempt == SIZE_ATTEMPTS - 1:
                 break
@@ -174,18 +178,28 @@ def build(
             reserve = max(reserve, artifact.total_bytes - int(allocation.predicted["size"]))
             log(f"the artifact is {over} bytes over the size budget: allocating again")
             limits = [tightened(limit, reserve) for limit in requested]
-        runner = OnnxRunner(artifact.path, threads=1)
-        fidelity = end_to_end(
-            graph.module, runner.primary, calibration.holdout, calibration.holdout_labels
-        )
+        artifacts = {primary.name: artifact}
+        emitted = {primary.backend.text: artifact}
+        for target in others:
+            artifacts[target.name] = _emit(graph, state.qmodel, target, stage, emitted)
+            clock.lap(f"emit {target.name}")
+        entries = [_target_entry(t, artifacts[t.name], stage) for t in (primary, *others)]
+        verified = _verify(graph, calibration, entries, stage, largest)
+        fidelity = verified[primary.name].fidelity
+        for entry in entries:
+            entry.update(verified[entry["name"]].record())
         lowered = artifact.module
         layer_errors = per_layer(
             graph.module, {n: lowered.get_submodule(n) for n in state.qmodel}, calibration.holdout
         )
         clock.lap("verify")
-        latency = _latency(artifact.path, largest)
-        manifest = _manifest(spec, prepared.model, calibration, graph, state, artifact, target)
-        seconds = next(iter(latency.values())) / 1e3
+        latency = {
+            f"{name} batch {len(next(iter(largest.values())))}": check.latency_ms
+            for name, check in verified.items()
+            if check.latency_ms is not None
+        }
+        manifest = _manifest(spec, prepared.model, calibration, graph, state, artifact, entries)
+        seconds = verified[primary.name].latency_ms / 1e3
         budgets = check_budgets(requested, state, artifact.total_bytes, seconds, allocation)
         if allocation is not None:
             manifest["allocation"] = allocation.record
@@ -285,17 +299,86 @@ def _sequential(spec: ir.Spec, plan) -> bool:
     )
 
 
-def _latency(path: Path, batch: Batch) -> dict[str, float]:
-    """Median latency of the artifact on one held-out batch, in ms."""
-    rows = len(next(iter(batch.values())))
-    return {f"onnx batch {rows}": session_latency(path, batch) * 1e3}
+def _emit(graph: Graph, qmodel, target: ir.Target, stage: Path, emitted: dict) -> Artifact:
+    """One target's artifact: ONNX once for all onnx targets (the device only picks the
+    runtime's provider), TVM in the target's own folder."""
+    if target.backend.text == "onnx":
+        if "onnx" not in emitted:
+            emitted["onnx"] = emit_onnx(graph, qmodel, target, stage / "model.onnx")
+        return emitted["onnx"]
+    return emit_tvm(graph, qmodel, target, stage / target.name)
 
 
-def _manifest(spec, model, calibration, graph, state: State, artifact, target: ir.Target) -> dict:
+def _target_entry(target: ir.Target, artifact: Artifact, stage: Path) -> dict:
+    entry: dict = {"backend": target.backend.text, "name": target.name}
+    if isinstance(artifact, OnnxArtifact):
+        return entry | {
+            "device": target.device.text if target.device else "cpu",
+            "opset": int(target.opset.value) if target.opset else 21,
+            "file": artifact.path.name,
+            "bytes": artifact.total_bytes,
+            "sha256": sha256_file(artifact.path),
+        }
+    library, params = (path.relative_to(stage).as_posix() for path in artifact.files)
+    return entry | {
+        "device": artifact.device,
+        "target": artifact.target,
+        "file": library,
+        "params": params,
+        "bytes": artifact.total_bytes,
+        "param_bytes": artifact.param_bytes,
+        "sha256": {path: sha256_file(stage / path) for path in (library, params)},
+        "param_names": artifact.params,
+        "kernels": len(artifact.kernels),
+        "layers": {
+            name: {"emitted": artifact.emitted[name], "bytes": artifact.layer_bytes[name]}
+            for name in artifact.emitted
+        },
+    }
+
+
+@dataclass
+class _Check:
+    """A target's artifact run on the held-out data, or why it was not."""
+
+    fidelity: Fidelity | None
+    latency_ms: float | None
+    skipped: str | None = None
+
+    def record(self) -> dict:
+        if self.fidelity is None:
+            return {"verified": False, "skipped": self.skipped}
+        return {"verified": True, "fidelity": self.fidelity.as_dict()}
+
+
+def _verify(graph: Graph, calibration, entries: list[dict], stage: Path, batch: Batch) -> dict:
+    """Each target's fidelity against the float model and latency on the largest batch; a
+    CUDA artifact on a machine without a GPU was compiled, not run."""
+    checks: dict[str, _Check] = {}
+    done: dict[str, _Check] = {}  # by file: targets sharing one ONNX file are checked once
+    for entry in entries:
+        if entry["file"] in done:
+            checks[entry["name"]] = done[entry["file"]]
+            continue
+        if entry["device"] == "cuda" and not cuda_available(entry["backend"]):
+            checks[entry["name"]] = _Check(None, None, "no GPU on the build machine")
+            continue
+        runner = open_target(stage, entry, list(graph.example), threads=1)
+        fidelity = end_to_end(
+            graph.module, runner.primary, calibration.holdout, calibration.holdout_labels
+        )
+        feed = {name: batch[name].numpy() for name in runner.input_names}
+        checks[entry["name"]] = done[entry["file"]] = _Check(
+            fidelity, runner_latency(runner, feed) * 1e3
+        )
+    return checks
+
+
+def _manifest(spec, model, calibration, graph, state: State, artifact, targets: list) -> dict:
     files = [{"path": path, "sha256": sha256_file(Path(path))} for path in spec.files]
     layers = report.layer_entries(graph, state, artifact)
-    # What the artifact must hold besides the compressed layers: its other initializers.
-    other = _uncompressed_bytes(artifact.path, state.qmodel)
+    # What the artifact must hold besides the compressed layers: its other stored tensors.
+    other = artifact.other_bytes()
     compressed = [entry for entry in layers if entry["name"] in state.qmodel]
     float_bytes = other + sum(
         report.float_param_bytes(graph.module.get_submodule(e["name"])) for e in compressed
@@ -325,17 +408,7 @@ def _manifest(spec, model, calibration, graph, state: State, artifact, target: i
             "python": platform.python_version(),
             **{tool: _version(tool) for tool in TOOLS},
         },
-        "targets": [
-            {
-                "backend": "onnx",
-                "name": target.name,
-                "device": target.device.text if target.device else "cpu",
-                "opset": int(target.opset.value) if target.opset else 21,
-                "file": artifact.path.name,
-                "bytes": artifact.total_bytes,
-                "sha256": sha256_file(artifact.path),
-            }
-        ],
+        "targets": targets,
         "layers": layers,
         "totals": {
             "artifact_bytes": artifact.total_bytes,
@@ -345,17 +418,6 @@ def _manifest(spec, model, calibration, graph, state: State, artifact, target: i
             "float_to_artifact": round(float_bytes / artifact.total_bytes, 3),
         },
     }
-
-
-def _uncompressed_bytes(path: Path, qmodel) -> int:
-    """Bytes of the artifact's initializers that belong to no compressed layer."""
-    model = onnx.load(str(path))
-    owned = tuple(f"{name}." for name in qmodel)
-    return sum(
-        onnx.numpy_helper.to_array(t).nbytes
-        for t in model.graph.initializer
-        if not t.name.startswith(owned)
-    )
 
 
 def _version(package: str) -> str:

@@ -84,16 +84,26 @@ def layer_latency(
 
 
 def session_latency(path: Path, batch: dict[str, torch.Tensor], *, threads: int = 0) -> float:
-    """Median seconds of session.run on an ONNX file, uncached (for artifacts that exist once).
-    The median shrugs off scheduler hiccups that a mean would average in."""
+    """Median seconds of session.run on an ONNX file, uncached (for artifacts that exist once)."""
     runner = OnnxRunner(path, threads=threads)
     feed = {name: batch[name].numpy() for name in runner.input_names}
+    return median_seconds(lambda: runner.session.run(None, feed))
+
+
+def runner_latency(runner: Callable[[dict], object], feed: dict) -> float:
+    """Median seconds of one call of a runner (`backends.runtime`) on a numpy feed."""
+    return median_seconds(lambda: runner(feed))
+
+
+def median_seconds(call: Callable[[], object]) -> float:
+    """The median over at least MIN_RUNS calls after a warmup: it shrugs off scheduler
+    hiccups that a mean would average in."""
     for _ in range(WARMUP):
-        runner.session.run(None, feed)
+        call()
     times: list[float] = []
     while len(times) < MAX_RUNS and (len(times) < MIN_RUNS or sum(times) < BUDGET):
         start = time.perf_counter()
-        runner.session.run(None, feed)
+        call()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 

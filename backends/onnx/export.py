@@ -40,6 +40,16 @@ class OnnxArtifact:
     total_bytes: int
     module: torch.nn.Module  # the lowered module that was exported (torch reference ops)
 
+    def other_bytes(self) -> int:
+        """Bytes of the file's initializers that belong to no compressed layer."""
+        model = onnx.load(str(self.path))
+        owned = tuple(f"{name}." for name in self.layer_bytes)
+        return sum(
+            onnx.numpy_helper.to_array(t).nbytes
+            for t in model.graph.initializer
+            if not t.name.startswith(owned)
+        )
+
 
 def lowered_module(graph: Graph, qmodel: QModel) -> tuple[torch.nn.Module, dict[str, str]]:
     """A copy of the float module with every compressed layer replaced by its lowered module."""

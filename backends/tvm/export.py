@@ -1,0 +1,132 @@
+"""Emit the TVM artifact: swap compressed layers for their packed modules, export with
+torch.export (symbolic batch and sequence), import into Relax with the packed kernels, schedule,
+compile for the spec's target and write `model.so` plus `params.bin` (every weight, packed ones
+still packed) into the target's folder."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.export import Dim
+
+from qspec.backends.tvm.modules import lower
+from qspec.compiler.capture import Graph
+from qspec.compiler.errors import CompileFailure
+from qspec.compiler.qmodel import QModel
+from qspec.dsl import ir
+
+LIBRARY, PARAMS = "model.so", "params.bin"
+DEFAULT_ARCH = "sm_80"
+
+
+@dataclass
+class TvmArtifact:
+    folder: Path
+    device: str  # llvm | cuda
+    target: dict  # the TVM target, as JSON
+    params: list[str]  # parameter names, in the order `main` takes them after the inputs
+    emitted: dict[str, str]  # layer -> what it became
+    layer_bytes: dict[str, int]  # layer -> bytes of its stored tensors
+    param_bytes: int  # bytes of every parameter tensor
+    total_bytes: int  # bytes of the files
+    module: torch.nn.Module  # the lowered module that was exported (torch reference ops)
+    kernels: list[str]  # device kernels in the library
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.folder / LIBRARY, self.folder / PARAMS]
+
+    def other_bytes(self) -> int:
+        """Parameter bytes that belong to no compressed layer."""
+        return self.param_bytes - sum(self.layer_bytes.values())
+
+
+def lowered_module(graph: Graph, qmodel: QModel) -> tuple[torch.nn.Module, dict[str, str]]:
+    module = copy.deepcopy(graph.module)
+    emitted: dict[str, str] = {}
+    for name, compressed in qmodel.items():
+        replacement, what = lower(compressed, module.get_submodule(name))
+        module.set_submodule(name, replacement)
+        emitted[name] = what
+    return module.eval(), emitted
+
+
+def tvm_target(target: ir.Target) -> dict:
+    """The JSON form TVM 0.27 takes (it rejects "llvm -mcpu=..." strings)."""
+    import tvm
+
+    host = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
+    if target.device is not None and target.device.text == "cuda":
+        arch = target.arch.text if target.arch else DEFAULT_ARCH
+        return {"kind": "cuda", "arch": arch, "host": host}
+    if target.mcpu is not None:
+        host["mcpu"] = target.mcpu.text
+    return {**host, "num-cores": os.cpu_count() or 1}
+
+
+def emit(graph: Graph, qmodel: QModel, target: ir.Target, folder: Path) -> TvmArtifact:
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from qspec.backends.tvm.kernels import CONVERTERS
+    from qspec.backends.tvm.schedule import lower_passes
+
+    module, emitted = lowered_module(graph, qmodel)
+    spec = tvm_target(target)
+    dynamic = {name: dict.fromkeys(range(t.dim()), Dim.AUTO) for name, t in graph.example.items()}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.export.export(
+                module, (), kwargs=graph.example, dynamic_shapes=dynamic, strict=False
+            )
+            relax_module = from_exported_program(
+                program,
+                keep_params_as_input=True,
+                unwrap_unit_return_tuple=True,
+                custom_convert_map=CONVERTERS,
+            )
+        relax_module, params = relax.frontend.detach_params(relax_module)
+        names = [var.name for var in relax_module["main"].params[len(graph.example) :]]
+        compiled_for = tvm.target.Target(spec)
+        with compiled_for:
+            relax_module = lower_passes(compiled_for)(relax_module)
+            executable = tvm.compile(relax_module, target=compiled_for)
+    except Exception as error:  # TVM raises many types; the message is what matters
+        raise CompileFailure(f"TVM compile failed: {type(error).__name__}: {error}") from error
+    folder.mkdir(parents=True, exist_ok=True)
+    executable.export_library(str(folder / LIBRARY))
+    values = dict(zip(names, params["main"], strict=True))
+    tvm.runtime.save_param_dict_to_file(values, str(folder / PARAMS))
+    kernels = [gv.name_hint for gv, f in relax_module.functions.items() if _is_kernel(f)]
+    return TvmArtifact(
+        folder,
+        "cuda" if spec["kind"] == "cuda" else "llvm",
+        spec,
+        names,
+        emitted,
+        _layer_bytes(module, qmodel),
+        sum(value.numpy().nbytes for value in values.values()),
+        sum(path.stat().st_size for path in (folder / LIBRARY, folder / PARAMS)),
+        module,
+        sorted(kernels),
+    )
+
+
+def _is_kernel(function) -> bool:
+    from tvm import tirx
+
+    return isinstance(function, tirx.PrimFunc)
+
+
+def _layer_bytes(module: torch.nn.Module, qmodel: QModel) -> dict[str, int]:
+    return {
+        name: sum(p.numel() * p.element_size() for p in module.get_submodule(name).parameters())
+        for name in qmodel
+    }

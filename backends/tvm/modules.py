@@ -1,0 +1,172 @@
+"""Lowering for TVM: each CompressedLayer becomes a small torch module calling one packed custom
+operator (`ops`), whose stored tensors are frozen `nn.Parameter`s so the Relax importer lifts
+them into the parameter file instead of baking them into the library.
+
+| layer            | weight                          | kernel                                  |
+|------------------|---------------------------------|-----------------------------------------|
+| Linear, Conv1D   | any format, any granularity,    | packed_linear: decode per column tile   |
+|                  | dense or N:M (codes of the kept | inside the matmul                       |
+|                  | elements plus their positions)  |                                         |
+| Conv1d, Conv2d   | same (groups 1)                 | packed_conv: the same, over kernel      |
+|                  |                                 | positions x input channels              |
+| Embedding        | same                            | packed_embedding: only looked-up rows   |
+| any, float       | N:M pruned                      | as above, with float32 kept values      |
+| any, float       | unstructured pruned             | the float layer, zeros stored           |
+
+A low-rank branch adds x Aᵀ Bᵀ: fp16 factors cast in the graph, int8 ones as two packed_linear
+calls. Quantized activations have no TVM kernel here.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from qspec.backends.tvm import ops  # noqa: F401  (registers the custom operators)
+from qspec.backends.tvm.layout import Packed, nm_pattern, pack_layer, pack_quantized
+from qspec.compiler.capture import Layer, unmatrix
+from qspec.compiler.errors import UserError
+from qspec.compiler.formats import WEIGHT_FORMATS
+from qspec.compiler.numerics import QuantSpec, quantize
+from qspec.compiler.qmodel import CompressedLayer
+
+FACTOR_SPEC = QuantSpec(WEIGHT_FORMATS["int8"], "channel")  # `factors int8`: per-row scales
+
+
+def unsupported(compressed: CompressedLayer, field: str, what: str, why: str) -> UserError:
+    return UserError(
+        f"target tvm cannot run {what} on {compressed.layer.name} ({compressed.layer.kind})",
+        compressed.plan.sources.get(field) or compressed.plan.sources.get("weight"),
+        help=why,
+    )
+
+
+def lower(compressed: CompressedLayer, original: nn.Module) -> tuple[nn.Module, str]:
+    """The module that replaces a compressed layer, and what it runs."""
+    if compressed.activation is not None:
+        why = "the TVM backend runs weight-only formats: compile this layer for target onnx"
+        raise unsupported(compressed, "activation", "quantized activations", why)
+    main, emitted = _lower_main(compressed, original)
+    if compressed.lowrank is None:
+        return main, emitted
+    if compressed.layer.kind not in ("linear", "hf_conv1d"):
+        why = "the low-rank branch is emitted for Linear layers"
+        raise unsupported(compressed, "lora", "low-rank compensation", why)
+    branch = LowRankBranch(main, compressed)
+    return branch, f"{emitted} + low-rank r{branch.rank} ({branch.storage})"
+
+
+def _lower_main(compressed: CompressedLayer, original: nn.Module) -> tuple[nn.Module, str]:
+    if compressed.weight is None and (compressed.mask is None or nm_pattern(compressed) is None):
+        if compressed.mask is None:
+            return original, "float"
+        return _sparse_float(compressed, original), "float (sparse: zeros stored)"
+    packed = pack_layer(compressed)
+    kind = compressed.layer.kind
+    if kind.startswith("conv"):
+        module: nn.Module = PackedConv(packed, compressed, original)
+    elif kind == "embedding":
+        module = PackedEmbedding(packed)
+    else:
+        module = PackedLinear(packed, compressed.bias)
+    return module, _describe(packed, kind)
+
+
+def _describe(packed: Packed, kind: str) -> str:
+    meta = packed.meta
+    op = {"embedding": "gather", "linear": "matmul", "hf_conv1d": "matmul"}.get(kind, "conv")
+    what = "float32 values" if meta.bits == 32 else f"{meta.bits}-bit codes"
+    sparse = f" {meta.n}:{meta.m} compressed" if meta.n else ""
+    return f"decode in {op} ({what}{sparse})"
+
+
+def _sparse_float(compressed: CompressedLayer, original: nn.Module) -> nn.Module:
+    module = copy.deepcopy(original)
+    weight = torch.from_numpy(compressed.effective_weight())
+    with torch.no_grad():
+        module.weight.copy_(unmatrix(compressed.layer, weight))
+    return module
+
+
+def _frozen(array: np.ndarray | None) -> nn.Parameter | None:
+    if array is None:
+        return None
+    return nn.Parameter(torch.from_numpy(np.ascontiguousarray(array)), requires_grad=False)
+
+
+class _Stored(nn.Module):
+    """The tensors of a `Packed` weight as frozen parameters (absent ones are None)."""
+
+    def __init__(self, packed: Packed):
+        super().__init__()
+        self.meta = packed.meta.ints()
+        for name, array in packed.tensors().items():
+            setattr(self, name, _frozen(array))
+
+    def stored(self) -> tuple:
+        return self.codes, self.scales, self.zeros, self.table, self.index
+
+
+class PackedLinear(_Stored):
+    def __init__(self, packed: Packed, bias: np.ndarray | None):
+        super().__init__(packed)
+        self.bias = _frozen(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qspec.packed_linear(x, *self.stored(), self.bias, self.meta)
+
+
+class PackedEmbedding(_Stored):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qspec.packed_embedding(ids, *self.stored(), self.meta)
+
+
+class PackedConv(_Stored):
+    def __init__(self, packed: Packed, compressed: CompressedLayer, original: nn.Module):
+        super().__init__(packed)
+        self.bias = _frozen(compressed.bias)
+        self.options = _conv_options(compressed, original)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.qspec.packed_conv(x, *self.stored(), self.bias, self.meta, self.options)
+
+
+def _conv_options(compressed: CompressedLayer, conv: nn.Module) -> list[int]:
+    """[stride..., padding..., dilation..., kernel...] of a groups-1, zero-padded convolution."""
+    layer: Layer = compressed.layer
+    padding = conv.padding
+    if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(padding, str):
+        why = "packed convolutions take groups 1, zero padding given as numbers"
+        raise unsupported(compressed, "weight", "this convolution", why)
+    kernel = list(layer.weight_shape[2:])
+    return [*conv.stride, *padding, *conv.dilation, *kernel]
+
+
+class LowRankBranch(nn.Module):
+    """y = main(x) + (x Aᵀ) Bᵀ beside the compressed layer."""
+
+    def __init__(self, main: nn.Module, compressed: CompressedLayer):
+        super().__init__()
+        assert compressed.lowrank is not None and compressed.plan.lowrank is not None
+        self.main = main
+        up, down = compressed.lowrank  # B [rows, r], A [r, cols]
+        self.rank, self.storage = down.shape[0], compressed.plan.lowrank.factors
+        if self.storage == "fp16":
+            self.down = _frozen(down.astype(np.float16))
+            self.up = _frozen(up.astype(np.float16))
+        else:
+            self.down = PackedLinear(_int8_factor(down), None)
+            self.up = PackedLinear(_int8_factor(up), None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.storage == "fp16":
+            return self.main(x) + F.linear(F.linear(x, self.down.float()), self.up.float())
+        return self.main(x) + self.up(self.down(x))
+
+
+def _int8_factor(factor: np.ndarray) -> Packed:
+    return pack_quantized(quantize(factor.astype(np.float32), FACTOR_SPEC))
