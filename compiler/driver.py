@@ -65,7 +65,7 @@ class Build:
     out_dir: Path
     manifest: dict
     report: dict
-    fidelity: Fidelity
+    fidelity: Fidelity | None  # of the first listed target that ran here
     timings: dict[str, float] = field(default_factory=dict)
     latency_ms: dict[str, float] = field(default_factory=dict)
 
@@ -185,7 +185,8 @@ def build(
             clock.lap(f"emit {target.name}")
         entries = [_target_entry(t, artifacts[t.name], stage) for t in (primary, *others)]
         verified = _verify(graph, calibration, entries, stage, largest)
-        fidelity = verified[primary.name].fidelity
+        # The report's fidelity: the first listed target that could run here.
+        fidelity = next((c.fidelity for c in verified.values() if c.fidelity), None)
         for entry in entries:
             entry.update(verified[entry["name"]].record())
         lowered = artifact.module
@@ -199,7 +200,10 @@ def build(
             if check.latency_ms is not None
         }
         manifest = _manifest(spec, prepared.model, calibration, graph, state, artifact, entries)
-        seconds = verified[primary.name].latency_ms / 1e3
+        seconds = {
+            name: None if check.latency_ms is None else check.latency_ms / 1e3
+            for name, check in verified.items()
+        }
         budgets = check_budgets(requested, state, artifact.total_bytes, seconds, allocation)
         if allocation is not None:
             manifest["allocation"] = allocation.record
@@ -216,9 +220,9 @@ def build(
         report.bits_chart(manifest, stage / "bits.png")
     result = Build(out_dir, manifest, body, fidelity, clock.timings, latency)
     below = [
-        f"{name} {fidelity.metric(name)} < {floor}"
+        f"{name} {fidelity and fidelity.metric(name)} < {floor}"
         for name, floor in fail_under.items()
-        if (fidelity.metric(name) or 0.0) < floor
+        if fidelity is None or (fidelity.metric(name) or 0.0) < floor
     ]
     over = [
         f"{b['limit']} (measured {b['measured']})"
@@ -330,6 +334,7 @@ def _target_entry(target: ir.Target, artifact: Artifact, stage: Path) -> dict:
         "sha256": {path: sha256_file(stage / path) for path in (library, params)},
         "param_names": artifact.params,
         "kernels": len(artifact.kernels),
+        "device_code": artifact.device_code,
         "layers": {
             name: {"emitted": artifact.emitted[name], "bytes": artifact.layer_bytes[name]}
             for name in artifact.emitted

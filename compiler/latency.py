@@ -131,9 +131,14 @@ def _cached(parts: list, threads: int, measure: Callable[[], float]) -> float:
     return value
 
 
-def cache_path() -> Path:
+def cache_dir() -> Path:
+    """Where qspec keeps what later builds reuse: $QSPEC_CACHE_DIR, else ~/.cache/qspec."""
     folder = os.environ.get("QSPEC_CACHE_DIR")
-    return (Path(folder) if folder else Path.home() / ".cache" / "qspec") / "latency.json"
+    return Path(folder) if folder else Path.home() / ".cache" / "qspec"
+
+
+def cache_path() -> Path:
+    return cache_dir() / "latency.json"
 
 
 def _load(path: Path) -> dict[str, object]:

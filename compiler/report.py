@@ -82,7 +82,11 @@ def layer_entries(graph: Graph, state: State, artifact) -> list[dict]:
 
 
 def build(
-    manifest: dict, fidelity: Fidelity, layer_errors: dict[str, dict], method: str, note: str
+    manifest: dict,
+    fidelity: Fidelity | None,
+    layer_errors: dict[str, dict],
+    method: str,
+    note: str,
 ) -> dict:
     layers = []
     for entry in manifest["layers"]:
@@ -107,7 +111,12 @@ def build(
     return {
         "spec": manifest["spec"]["path"],
         "capture": {"method": method, "note": note},
-        "fidelity": fidelity.as_dict(),
+        "fidelity": fidelity and fidelity.as_dict(),
+        "targets": [
+            {k: t[k] for k in ("name", "backend", "device", "file", "verified") if k in t}
+            | ({"fidelity": t["fidelity"]} if t.get("verified") else {"skipped": t.get("skipped")})
+            for t in manifest["targets"]
+        ],
         "totals": manifest["totals"],
         "budgets": manifest.get("budgets", []),
         "allocation": allocation
@@ -127,18 +136,13 @@ def _describe(entry: dict) -> str:
 
 
 def markdown(report: dict) -> str:
-    fidelity, totals = report["fidelity"], report["totals"]
+    totals = report["totals"]
     lines = [
         f"# qspec build of {Path(report['spec']).name}",
         "",
         f"Captured with torch.{report['capture']['method']}.",
         "",
-        "## Fidelity on held-out samples (artifact run by ONNX Runtime vs float PyTorch)",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        *(f"| {name} | {value} |" for name, value in fidelity.items() if value is not None),
-        "",
+        *_fidelity(report["targets"]),
         "## Size",
         "",
         "| | bytes |",
@@ -163,6 +167,29 @@ def markdown(report: dict) -> str:
         )
     lines += _bits_bars(report["layers"])
     return "\n".join(lines) + "\n"
+
+
+RUNTIMES = {"onnx": "ONNX Runtime", "tvm": "the TVM runtime"}
+
+
+def _fidelity(targets: list[dict]) -> list[str]:
+    """Held-out fidelity of each target's artifact, run by its own runtime, against float."""
+    ran = [t for t in targets if t["verified"]]
+    lines = ["## Fidelity on held-out samples (each artifact run by its runtime vs float PyTorch)"]
+    lines += ["", "| metric | " + " | ".join(f"{t['name']} ({t['device']})" for t in ran) + " |"]
+    lines.append("|---|" + "---|" * len(ran))
+    metrics = ran[0]["fidelity"] if ran else {}
+    for name in metrics:
+        values = [t["fidelity"][name] for t in ran]
+        if any(v is not None for v in values):
+            lines.append(f"| {name} | " + " | ".join(str(v) for v in values) + " |")
+    for target in targets:
+        if not target["verified"]:
+            lines.append(
+                f"\n{target['name']} ({target['device']}): compiled, not run: {target['skipped']}."
+            )
+    runtimes = sorted({RUNTIMES[t["backend"]] for t in ran})
+    return [*lines, "", f"Run by {' and '.join(runtimes)}." if runtimes else "", ""]
 
 
 def _budgets(report: dict) -> list[str]:

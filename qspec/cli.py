@@ -284,21 +284,30 @@ def run_compile(args: argparse.Namespace) -> int:
 
 
 def summary(manifest: dict, report: dict, latency: dict[str, float]) -> str:
-    totals, fidelity = manifest["totals"], report["fidelity"]
+    totals = manifest["totals"]
     target = manifest["targets"][0]
     lines = [
         f"built {target['file']}: {totals['artifact_bytes'] / 1e6:.2f} MB "
         f"({totals['float_to_artifact']}x smaller than float, "
         f"{totals['artifact_to_min']}x the theoretical minimum)",
-        f"fidelity on {fidelity['samples']} held-out samples: cosine mean "
-        f"{fidelity['cosine_mean']:.5f}, min {fidelity['cosine_min']:.5f}, "
-        f"SNR {fidelity['snr_db']:.1f} dB",
     ]
-    if fidelity.get("top1_agreement") is not None:
-        lines.append(
-            f"top-1 agreement {fidelity['top1_agreement']:.4f}, accuracy "
-            f"{fidelity['accuracy_artifact']:.4f} (float {fidelity['accuracy_float']:.4f})"
+    for entry in report["targets"]:
+        fidelity = entry.get("fidelity")
+        where = f"{entry['name']} ({entry['file']})"
+        if fidelity is None:
+            lines.append(f"{where}: compiled for {entry['device']}, not run: {entry['skipped']}")
+            continue
+        line = (
+            f"{where} fidelity on {fidelity['samples']} held-out samples: cosine mean "
+            f"{fidelity['cosine_mean']:.5f}, min {fidelity['cosine_min']:.5f}, "
+            f"SNR {fidelity['snr_db']:.1f} dB"
         )
+        if fidelity.get("top1_agreement") is not None:
+            line += (
+                f", top-1 agreement {fidelity['top1_agreement']:.4f}, accuracy "
+                f"{fidelity['accuracy_artifact']:.4f} (float {fidelity['accuracy_float']:.4f})"
+            )
+        lines.append(line)
     lines += [f"latency {name}: {ms:.2f} ms" for name, ms in latency.items()]
     return "\n".join(lines)
 

@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
+from qspec.backends.tvm.cuda import compile_library
 from qspec.backends.tvm.modules import lower
+from qspec.backends.tvm.schedule import build_library
 from qspec.compiler.capture import Graph
 from qspec.compiler.errors import CompileFailure
 from qspec.compiler.qmodel import QModel
@@ -35,7 +37,8 @@ class TvmArtifact:
     param_bytes: int  # bytes of every parameter tensor
     total_bytes: int  # bytes of the files
     module: torch.nn.Module  # the lowered module that was exported (torch reference ops)
-    kernels: list[str]  # device kernels in the library
+    kernels: list[str]  # kernels in the library
+    device_code: str  # llvm, fatbin (nvcc), or CUDA source
 
     @property
     def files(self) -> list[Path]:
@@ -71,40 +74,22 @@ def tvm_target(target: ir.Target) -> dict:
 
 def emit(graph: Graph, qmodel: QModel, target: ir.Target, folder: Path) -> TvmArtifact:
     import tvm
-    from tvm import relax
-    from tvm.relax.frontend.torch import from_exported_program
-
-    from qspec.backends.tvm.kernels import CONVERTERS
-    from qspec.backends.tvm.schedule import lower_passes
 
     module, emitted = lowered_module(graph, qmodel)
     spec = tvm_target(target)
-    dynamic = {name: dict.fromkeys(range(t.dim()), Dim.AUTO) for name, t in graph.example.items()}
+    folder.mkdir(parents=True, exist_ok=True)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            program = torch.export.export(
-                module, (), kwargs=graph.example, dynamic_shapes=dynamic, strict=False
-            )
-            relax_module = from_exported_program(
-                program,
-                keep_params_as_input=True,
-                unwrap_unit_return_tuple=True,
-                custom_convert_map=CONVERTERS,
-            )
-        relax_module, params = relax.frontend.detach_params(relax_module)
-        names = [var.name for var in relax_module["main"].params[len(graph.example) :]]
-        compiled_for = tvm.target.Target(spec)
-        with compiled_for:
-            relax_module = lower_passes(compiled_for)(relax_module)
-            executable = tvm.compile(relax_module, target=compiled_for)
+        program = export_program(module, graph.example)
+        if spec["kind"] == "cuda":
+            kernels, names, device_code = compile_library(program, spec, folder)
+        else:
+            kernels, names = compile_program(program, spec, folder)
+            device_code = "llvm"
+    except CompileFailure:
+        raise
     except Exception as error:  # TVM raises many types; the message is what matters
         raise CompileFailure(f"TVM compile failed: {type(error).__name__}: {error}") from error
-    folder.mkdir(parents=True, exist_ok=True)
-    executable.export_library(str(folder / LIBRARY))
-    values = dict(zip(names, params["main"], strict=True))
-    tvm.runtime.save_param_dict_to_file(values, str(folder / PARAMS))
-    kernels = [gv.name_hint for gv, f in relax_module.functions.items() if _is_kernel(f)]
+    params = tvm.runtime.load_param_dict_from_file(str(folder / PARAMS))
     return TvmArtifact(
         folder,
         "cuda" if spec["kind"] == "cuda" else "llvm",
@@ -112,17 +97,46 @@ def emit(graph: Graph, qmodel: QModel, target: ir.Target, folder: Path) -> TvmAr
         names,
         emitted,
         _layer_bytes(module, qmodel),
-        sum(value.numpy().nbytes for value in values.values()),
+        sum(params[name].numpy().nbytes for name in names),
         sum(path.stat().st_size for path in (folder / LIBRARY, folder / PARAMS)),
         module,
-        sorted(kernels),
+        kernels,
+        device_code,
     )
 
 
-def _is_kernel(function) -> bool:
-    from tvm import tirx
+def export_program(module: torch.nn.Module, example: dict[str, torch.Tensor]):
+    """The torch.export program of a lowered module, every input dimension symbolic."""
+    dynamic = {name: dict.fromkeys(range(t.dim()), Dim.AUTO) for name, t in example.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.export.export(module, (), kwargs=example, dynamic_shapes=dynamic, strict=False)
 
-    return isinstance(function, tirx.PrimFunc)
+
+def compile_program(program, target: dict, folder: Path) -> tuple[list[str], list[str]]:
+    """Import into Relax with the packed kernels, compile, write LIBRARY and PARAMS into
+    `folder`: (kernel names, parameter names in the order `main` takes them)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from qspec.backends.tvm.kernels import CONVERTERS
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        relax_module = from_exported_program(
+            program,
+            keep_params_as_input=True,
+            unwrap_unit_return_tuple=True,
+            custom_convert_map=CONVERTERS,
+        )
+    relax_module, params = relax.frontend.detach_params(relax_module)
+    inputs = len(program.graph_signature.user_inputs)
+    names = [var.name for var in relax_module["main"].params[inputs:]]
+    kernels = build_library(relax_module, target, folder / LIBRARY)
+    values = dict(zip(names, params.get("main", []), strict=True))
+    tvm.runtime.save_param_dict_to_file(values, str(folder / PARAMS))
+    return kernels, names
 
 
 def _layer_bytes(module: torch.nn.Module, qmodel: QModel) -> dict[str, int]:

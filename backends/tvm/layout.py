@@ -15,7 +15,7 @@ torch reference.
 
 A bitstream ends with one spare word so a code that straddles two words (3-bit) is read as a
 64-bit window without a bounds check. Stored bytes are the theoretical minimum plus at most
-eight bytes per stream.
+seven bytes per stream.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ class Packed:
 
 def words(codes: np.ndarray, bits: int) -> np.ndarray:
     """Flat b-bit codes as an int32 bitstream with one spare word."""
-    stream = pack(np.asarray(codes, np.uint8).reshape(1, -1), bits).reshape(-1)
+    flat = np.asarray(codes, np.uint8).reshape(1, -1)
+    stream = pack(flat, bits).reshape(-1)[: -(-flat.size * bits // 8)]  # no whole-unit padding
     stream = np.concatenate([stream, np.zeros(-len(stream) % 4 + 4, np.uint8)])
     return stream.view("<u4").astype(np.int32, copy=False)
 

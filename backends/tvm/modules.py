@@ -28,7 +28,7 @@ from torch.nn import functional as F
 
 from qspec.backends.tvm import ops  # noqa: F401  (registers the custom operators)
 from qspec.backends.tvm.layout import Packed, nm_pattern, pack_layer, pack_quantized
-from qspec.compiler.capture import Layer, unmatrix
+from qspec.compiler.capture import unmatrix
 from qspec.compiler.errors import UserError
 from qspec.compiler.formats import WEIGHT_FORMATS
 from qspec.compiler.numerics import QuantSpec, quantize
@@ -68,7 +68,11 @@ def _lower_main(compressed: CompressedLayer, original: nn.Module) -> tuple[nn.Mo
     packed = pack_layer(compressed)
     kind = compressed.layer.kind
     if kind.startswith("conv"):
-        module: nn.Module = PackedConv(packed, compressed, original)
+        options = conv_options(original)
+        if options is None:
+            why = "packed convolutions take groups 1 and zero padding given as numbers"
+            raise unsupported(compressed, "weight", "this convolution", why)
+        module: nn.Module = PackedConv(packed, compressed.bias, options)
     elif kind == "embedding":
         module = PackedEmbedding(packed)
     else:
@@ -126,24 +130,22 @@ class PackedEmbedding(_Stored):
 
 
 class PackedConv(_Stored):
-    def __init__(self, packed: Packed, compressed: CompressedLayer, original: nn.Module):
+    def __init__(self, packed: Packed, bias: np.ndarray | None, options: list[int]):
         super().__init__(packed)
-        self.bias = _frozen(compressed.bias)
-        self.options = _conv_options(compressed, original)
+        self.bias = _frozen(bias)
+        self.options = options
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.qspec.packed_conv(x, *self.stored(), self.bias, self.meta, self.options)
 
 
-def _conv_options(compressed: CompressedLayer, conv: nn.Module) -> list[int]:
-    """[stride..., padding..., dilation..., kernel...] of a groups-1, zero-padded convolution."""
-    layer: Layer = compressed.layer
+def conv_options(conv: nn.Module) -> list[int] | None:
+    """[stride..., padding..., dilation..., kernel...] of a groups-1, zero-padded convolution
+    (None for any other)."""
     padding = conv.padding
     if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(padding, str):
-        why = "packed convolutions take groups 1, zero padding given as numbers"
-        raise unsupported(compressed, "weight", "this convolution", why)
-    kernel = list(layer.weight_shape[2:])
-    return [*conv.stride, *padding, *conv.dilation, *kernel]
+        return None
+    return [*conv.stride, *padding, *conv.dilation, *conv.kernel_size]
 
 
 class LowRankBranch(nn.Module):

@@ -15,6 +15,8 @@ On CUDA the dlight GPU rules schedule everything.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import tvm
 from tvm import relax, s_tir, tirx, topi
 from tvm.s_tir import dlight as dl
@@ -56,15 +58,19 @@ class CPUMatmul(dl.ScheduleRule):
             sch.reverse_compute_inline, consumers[0]
         ):
             pass
-        loops = sch.get_loops(matmul)
-        if len(loops) < 3 or _static(sch.get(loops[-1]).extent) is None:
+        *spatial, columns, k = sch.get_loops(matmul)
+        if not spatial:
             return None
-        *spatial, columns, k = loops
-        rows = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0] if spatial else None
-        if rows is None:
-            return None
+        rows = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
+        if _static(sch.get(columns).extent) is None:
+            # Symbolic columns (attention scores): a split would put a predicate on the vector
+            # lanes (measured 100x slower); LLVM vectorizes the short static reduction instead.
+            sch.parallel(rows)
+            return sch
+        # Symbolic rows are not split either: the predicate in the register block costs more
+        # than the blocking gains (measured 6.8 ms against 4.4 ms on a 128 x 384 x 1536 layer).
         width = _tile(sch.get(columns).extent, COLUMN_TILE)
-        height = _tile(sch.get(rows).extent, ROW_TILE)  # symbolic: 1, a predicate costs more
+        height = _tile(sch.get(rows).extent, ROW_TILE)
         column_tiles, column = sch.split(columns, [None, width])
         row_tiles, row = sch.split(rows, [None, height])
         if decode:  # decode a [K, width] slab of the weight once per column tile
@@ -156,3 +162,14 @@ def lower_passes(target: tvm.target.Target) -> tvm.transform.Pass:
             dl.ApplyDefaultSchedule(*rules),
         ]
     )
+
+
+def build_library(relax_module: tvm.IRModule, target: dict, library: Path) -> list[str]:
+    """Schedule and compile for `target`, export the library; the names of its kernels."""
+    compiled_for = tvm.target.Target(target)
+    with compiled_for:  # nvcc reads the CUDA architecture from the current target
+        scheduled = lower_passes(compiled_for)(relax_module)
+        executable = tvm.compile(scheduled, target=compiled_for)
+    executable.export_library(str(library))
+    functions = scheduled.functions.items()
+    return sorted(gv.name_hint for gv, f in functions if isinstance(f, tirx.PrimFunc))

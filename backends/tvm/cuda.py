@@ -1,0 +1,85 @@
+"""CUDA libraries whose kernels are compiled by nvcc at build time, so the artifact loads on a
+GPU machine without NVRTC or a compiler.
+
+TVM embeds a fatbin only when its CUDA runtime library is loaded during `tvm.compile`, and that
+library links against the driver (libcuda.so.1). On a build machine without a driver the
+compile runs in a subprocess that first loads `driver_stub.c` (built once with the C compiler
+nvcc needs anyway) in the driver's place. Without nvcc the library carries CUDA source, which
+the TVM runtime compiles when it loads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from qspec.compiler.errors import CompileFailure
+from qspec.compiler.latency import cache_dir
+
+STUB_SOURCE = Path(__file__).with_name("driver_stub.c")
+
+
+def compile_library(program, target: dict, folder: Path) -> tuple[list[str], list[str], str]:
+    """`export.compile_program` for a CUDA target: (kernels, parameter names, device code)."""
+    import torch
+
+    from qspec.backends.tvm.export import compile_program
+
+    if shutil.which("nvcc") is None:
+        return *compile_program(program, target, folder), "CUDA source, compiled when loaded"
+    env = dict(os.environ, TVM_CUDA_COMPILE_MODE="nvcc")
+    if ctypes.util.find_library("cuda") is None:
+        env["QSPEC_CUDA_DRIVER_STUB"] = str(_driver_stub())
+    with tempfile.TemporaryDirectory() as scratch:
+        saved = Path(scratch) / "program.pt2"
+        torch.export.save(program, saved)
+        command = [sys.executable, "-m", __name__, str(saved), json.dumps(target), str(folder)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or ["no output"]
+        raise CompileFailure(f"CUDA compile failed: {lines[-1]}")
+    kernels, names = json.loads(done.stdout.strip().splitlines()[-1])
+    return kernels, names, "fatbin (nvcc)"
+
+
+def _driver_stub() -> Path:
+    stub = cache_dir() / "cuda-driver-stub" / "libcuda.so.1"
+    if stub.exists():
+        return stub
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise CompileFailure("compiling CUDA kernels without a GPU driver needs a C compiler")
+    stub.parent.mkdir(parents=True, exist_ok=True)
+    partial = stub.with_suffix(f".{os.getpid()}")
+    command = [compiler, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(partial)]
+    subprocess.run([*command, str(STUB_SOURCE)], check=True, capture_output=True)
+    os.replace(partial, stub)
+    return stub
+
+
+def main(argv: list[str]) -> None:
+    """The subprocess: PROGRAM TARGET_JSON FOLDER; prints [kernels, parameter names]."""
+    stub = os.environ.get("QSPEC_CUDA_DRIVER_STUB")
+    if stub:  # before TVM loads its CUDA runtime library: nothing above imports tvm
+        ctypes.CDLL(stub, mode=ctypes.RTLD_GLOBAL)
+    import torch
+    import tvm_ffi
+
+    from qspec.backends.tvm import ops  # noqa: F401  (the custom operators the program calls)
+    from qspec.backends.tvm.export import compile_program
+
+    if tvm_ffi.get_global_func("ffi.Module.create.cuda", allow_missing=True) is None:
+        sys.exit("TVM's CUDA runtime did not load: it would embed CUDA source, not a fatbin")
+    program = torch.export.load(argv[0])
+    print(json.dumps(compile_program(program, json.loads(argv[1]), Path(argv[2]))))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
