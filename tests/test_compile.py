@@ -274,6 +274,14 @@ def test_minilm_end_to_end(spec: str, floor: float, tmp_path: Path):
     out = model({"input_ids": ids, "attention_mask": (ids > 0).astype(np.int64)})["output"]
     assert out.shape == (2, 384)
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, atol=1e-4)
+    targets = {entry["name"]: entry for entry in build.manifest["targets"]}
+    onnx_fidelity, tvm_fidelity = targets["onnx"]["fidelity"], targets["tvm"]["fidelity"]
+    assert abs(tvm_fidelity["cosine_mean"] - onnx_fidelity["cosine_mean"]) <= 1e-3
+    assert targets["tvm"]["param_bytes"] <= 1.05 * totals["min_bytes"]
+    tvm_out = qspec.load(tmp_path / spec, backend="tvm")(
+        {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int64)}
+    )["output"]
+    np.testing.assert_allclose(tvm_out, out, atol=1e-4)
 
 
 def test_examples_folder_is_clean():

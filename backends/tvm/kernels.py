@@ -16,6 +16,7 @@ from qspec.backends.tvm.decode import weight_at
 from qspec.backends.tvm.layout import Meta
 
 STORED = ("codes", "scales", "zeros", "table", "index")
+ROW_TILE = 4  # rows of a register block in the CPU schedule
 
 
 class TEOps:
@@ -51,13 +52,20 @@ def decode_stage(tensors: dict[str, te.Tensor], meta: Meta) -> te.Tensor:
 
 
 def linear(x: te.Tensor, tensors: dict[str, te.Tensor], meta: Meta) -> te.Tensor:
+    """x [rows, cols] -> [rows, out]. The multiply-accumulate runs over the rows padded to a
+    multiple of ROW_TILE, so the schedule can block rows in registers whatever the (symbolic)
+    row count. Padding rows repeat the last row (a clamped index, hoisted out of the reduction;
+    a zero-guard would branch on every multiply-add) and are never stored."""
+    rows = x.shape[0]
+    padded = (rows + ROW_TILE - 1) // ROW_TILE * ROW_TILE
     weight = decode_stage(tensors, meta)
     k = te.reduce_axis((0, meta.cols), name="k")
-    y = te.compute(
-        (*x.shape[:-1], meta.rows),
-        lambda *i: te.sum(x[(*i[:-1], k)] * weight[k, i[-1]], axis=k),
+    accumulated = te.compute(
+        (padded, meta.rows),
+        lambda m, n: te.sum(x[tirx.min(m, rows - 1), k] * weight[k, n], axis=k),
         name="matmul",
     )
+    y = te.compute((rows, meta.rows), lambda m, n: accumulated[m, n], name="rows")
     return _add_bias(y, tensors.get("bias"), axis=-1)
 
 
