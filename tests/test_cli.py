@@ -30,7 +30,7 @@ def test_check_prints_one_line_per_file(capsys):
     out = capsys.readouterr().out.splitlines()
     assert out == [
         f"{paths[0]}: ok: 1 rule, 1 target, 1 budget",
-        f"{paths[1]}: ok: 1 rule, 1 target, 0 budgets",
+        f"{paths[1]}: ok: 1 rule, 3 targets, 0 budgets",
     ]
 
 

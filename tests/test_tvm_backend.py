@@ -4,6 +4,7 @@ reference, the shared decode against numpy on random bitstreams, and whole build
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,12 +21,12 @@ from torch import nn
 from tvm import relax
 
 import qspec
+from qspec.backends.tvm import tune
 from qspec.backends.tvm.decode import code_at
-from qspec.backends.tvm.export import import_module
+from qspec.backends.tvm.export import LIBRARY, PARAMS, compile_program, export_program
 from qspec.backends.tvm.layout import Packed, pack_quantized, words
 from qspec.backends.tvm.modules import PackedConv, PackedEmbedding, PackedLinear, conv_options
 from qspec.backends.tvm.ops import TorchOps, decoded
-from qspec.backends.tvm.schedule import build_library
 from qspec.compiler.formats import WEIGHT_FORMATS
 from qspec.compiler.numerics import QuantSpec, quantize, unpack
 from qspec.dsl.diagnostics import SpecError
@@ -35,11 +36,12 @@ RNG = np.random.default_rng(0)
 
 
 def run_tvm(module: nn.Module, inputs: dict[str, torch.Tensor], tmp_path: Path) -> np.ndarray:
-    relax_module, params = import_module(module.eval(), inputs)
-    assert build_library(relax_module, CPU, tmp_path / "model.so")
-    vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / "model.so")), tvm.cpu())
+    kernels, names = compile_program(export_program(module.eval(), inputs), CPU, tmp_path)
+    assert kernels
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / LIBRARY)), tvm.cpu())
+    stored = tvm.runtime.load_param_dict_from_file(str(tmp_path / PARAMS))
     feed = [tvm.runtime.tensor(t.numpy()) for t in inputs.values()]
-    return vm["main"](*feed, *params.values()).numpy()
+    return vm["main"](*feed, *(stored[name] for name in names)).numpy()
 
 
 def spec_of(name: str, granularity: str = "group", group: int | None = 32, **kw) -> QuantSpec:
@@ -284,3 +286,18 @@ def test_cuda_compiles(tmp_path: Path, arch: str):
     assert entry["kernels"] > 0 and not entry["verified"]
     assert entry["device_code"] == "fatbin (nvcc)"
     assert (tmp_path / "out" / "tvm" / "model.so").stat().st_size > 0
+
+
+def test_tune_trials_measure_once_then_reuse(tmp_path: Path, monkeypatch):
+    body = 'target tvm { device llvm tune trials 8 }\nlayer "fc*" { weight int4 group 32 }\n'
+    spec = write_project(tmp_path, TINY, body)
+    qspec.compile(spec, tmp_path / "first")
+    cache = json.loads((Path(os.environ["QSPEC_CACHE_DIR"]) / "tvm-tuning.json").read_text())
+    assert cache and set(cache.values()) <= set(tune.CANDIDATES)
+
+    def measure(*_):
+        raise AssertionError("a cached kernel was measured again")
+
+    monkeypatch.setattr(tune, "_seconds", measure)
+    again = qspec.compile(spec, tmp_path / "again")
+    assert again.manifest["targets"][0]["verified"]

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
+import tempfile
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +87,8 @@ def emit(graph: Graph, qmodel: QModel, target: ir.Target, folder: Path) -> TvmAr
         if spec["kind"] == "cuda":
             kernels, names, device_code = compile_library(program, spec, folder)
         else:
-            kernels, names = compile_program(program, spec, folder)
+            trials = int(target.tune_trials.value) if target.tune_trials else 0
+            kernels, names = compile_program(program, spec, folder, trials)
             device_code = "llvm"
     except CompileFailure:
         raise
@@ -113,9 +118,12 @@ def export_program(module: torch.nn.Module, example: dict[str, torch.Tensor]):
         return torch.export.export(module, (), kwargs=example, dynamic_shapes=dynamic, strict=False)
 
 
-def compile_program(program, target: dict, folder: Path) -> tuple[list[str], list[str]]:
-    """Import into Relax with the packed kernels, compile, write LIBRARY and PARAMS into
-    `folder`: (kernel names, parameter names in the order `main` takes them)."""
+def compile_program(
+    program, target: dict, folder: Path, trials: int = 0
+) -> tuple[list[str], list[str]]:
+    """Import into Relax with the packed kernels, compile (tuning with `trials` timings), write
+    LIBRARY and PARAMS into `folder`: (kernel names, parameter names in the order `main` takes
+    them)."""
     import tvm
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
@@ -133,10 +141,33 @@ def compile_program(program, target: dict, folder: Path) -> tuple[list[str], lis
     relax_module, params = relax.frontend.detach_params(relax_module)
     inputs = len(program.graph_signature.user_inputs)
     names = [var.name for var in relax_module["main"].params[inputs:]]
-    kernels = build_library(relax_module, target, folder / LIBRARY)
+    with _native_notices_dropped():
+        kernels = build_library(relax_module, target, folder / LIBRARY, trials)
     values = dict(zip(names, params.get("main", []), strict=True))
     tvm.runtime.save_param_dict_to_file(values, str(folder / PARAMS))
     return kernels, names
+
+
+HARMLESS = ("Fast mode segfaults when there are out-of-bounds indices",)
+
+
+@contextmanager
+def _native_notices_dropped() -> Iterator[None]:
+    """TVM's C++ warns on stderr about every embedding lookup (`take` in fast mode: ids come
+    from the tokenizer, in range); drop those lines, pass anything else through."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            for line in captured.read().decode(errors="replace").splitlines():
+                if not any(text in line for text in HARMLESS):
+                    print(line, file=sys.stderr)
 
 
 def _layer_bytes(module: torch.nn.Module, qmodel: QModel) -> dict[str, int]:

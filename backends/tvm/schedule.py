@@ -19,6 +19,7 @@ from pathlib import Path
 
 import tvm
 import tvm.sym
+import tvm_ffi
 from tvm import relax, s_tir, tirx, topi
 from tvm.s_tir import dlight as dl
 
@@ -38,11 +39,16 @@ def _reductions(sch: s_tir.Schedule, blocks) -> list:
 
 class CPUMatmul(dl.ScheduleRule):
     """Register-blocked, vectorized, parallel schedule for kernels with one reduction over one
-    axis whose result is [..., rows, columns]."""
+    axis whose result is [..., rows, columns]. The column tile is COLUMN_TILE unless `tiles`
+    (structural hash of the kernel -> tile, from `tune`) says otherwise."""
+
+    def __init__(self, tiles: dict[int, int] | None = None):
+        self.tiles = tiles or {}
 
     def apply(self, func, target, tunable):
         if not isinstance(func, tirx.PrimFunc):
             return None
+        preferred = self.tiles.get(tvm_ffi.structural_hash(func), COLUMN_TILE)
         sch = s_tir.Schedule(func)
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
         reductions = _reductions(sch, blocks)
@@ -66,9 +72,10 @@ class CPUMatmul(dl.ScheduleRule):
             # lanes (measured 100x slower); LLVM vectorizes the short static reduction instead.
             sch.parallel(rows)
             return sch
-        # Symbolic rows are not split either: the predicate in the register block costs more
-        # than the blocking gains (measured 6.8 ms against 4.4 ms on a 128 x 384 x 1536 layer).
-        width = _tile(sch.get(columns).extent, COLUMN_TILE)
+        # Rows are blocked only when the block provably divides them (the packed kernels pad
+        # them): a predicate in the register block costs more than the blocking gains (measured
+        # 6.8 ms against 4.4 ms unblocked on a 128 x 384 x 1536 layer).
+        width = _tile(sch.get(columns).extent, preferred)
         height = _tile(sch.get(rows).extent, ROW_TILE)
         column_tiles, column = sch.split(columns, [None, width])
         row_tiles, row = sch.split(rows, [None, height])
@@ -87,7 +94,7 @@ class CPUMatmul(dl.ScheduleRule):
         sch.decompose_reduction(matmul, k)
         if tail is not None:  # the store of the real rows, per register block
             sch.reverse_compute_at(tail, row_tiles)
-            sch.vectorize(sch.get_loops(tail)[-1])
+            _try(sch.vectorize, sch.get_loops(tail)[-1])  # not where it stores channels first
         return sch
 
 
@@ -110,9 +117,10 @@ def _inline_consumers(sch: s_tir.Schedule, block) -> object | None:
     return None
 
 
-def _try(primitive, block) -> bool:
+def _try(primitive, target) -> bool:
+    """Apply a schedule primitive to a block or loop if it is legal there."""
     try:
-        primitive(block)
+        primitive(target)
     except s_tir.ScheduleError:
         return False
     return True
@@ -187,21 +195,16 @@ def _fast_gelu(bb: relax.BlockBuilder, call: relax.Call) -> relax.Expr:
     )
 
 
-def lower_passes(target: tvm.target.Target) -> tvm.transform.Pass:
-    """Legalize, fuse and schedule, ready for `tvm.compile` (which leaves scheduled kernels)."""
-    if target.kind.name == "cuda":
-        rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction()]
-        rules.append(dl.gpu.Fallback())
-        legalize = None
-    else:
-        rules = [CPUMatmul(), CPURows(), dl.cpu.GEMV(), dl.cpu.Reduction(), CPUElementwise()]
-        legalize = {"relax.nn.gelu": _fast_gelu}
-    fast_math = [] if target.kind.name == "cuda" else [relax.transform.FastMathTransform()]
+def fusion_passes(target: tvm.target.Target) -> tvm.transform.Pass:
+    """Legalize to TIR and fuse: the kernels the schedule rules then see."""
+    cpu = target.kind.name != "cuda"
     return tvm.transform.Sequential(
         [
             relax.transform.DecomposeOpsForInference(),
-            *fast_math,
-            relax.transform.LegalizeOps(customize_legalize_map=legalize),
+            *([relax.transform.FastMathTransform()] if cpu else []),
+            relax.transform.LegalizeOps(
+                customize_legalize_map={"relax.nn.gelu": _fast_gelu} if cpu else None
+            ),
             relax.transform.AnnotateTIROpPattern(),
             relax.transform.FoldConstant(),
             relax.transform.FuseOps(),
@@ -210,16 +213,32 @@ def lower_passes(target: tvm.target.Target) -> tvm.transform.Pass:
             # (with symbolic shapes, a copy with a division per element).
             relax.transform.RewriteDataflowReshape(),
             relax.transform.DeadCodeElimination(),
-            dl.ApplyDefaultSchedule(*rules),
         ]
     )
 
 
-def build_library(relax_module: tvm.IRModule, target: dict, library: Path) -> list[str]:
-    """Schedule and compile for `target`, export the library; the names of its kernels."""
+def schedule_pass(target: tvm.target.Target, tiles: dict[int, int] | None = None):
+    """Every kernel scheduled; `tiles` (kernel hash -> column tile) from `tune`."""
+    if target.kind.name == "cuda":
+        rules = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction()]
+        return dl.ApplyDefaultSchedule(*rules, dl.gpu.Fallback())
+    matmul = CPUMatmul(tiles or {})
+    rules = [matmul, CPURows(), dl.cpu.GEMV(), dl.cpu.Reduction(), CPUElementwise()]
+    return dl.ApplyDefaultSchedule(*rules)
+
+
+def build_library(
+    relax_module: tvm.IRModule, target: dict, library: Path, trials: int = 0
+) -> list[str]:
+    """Fuse, tune (with `trials`), schedule and compile for `target`, export the library; the
+    names of its kernels."""
+    from qspec.backends.tvm.tune import tune
+
     compiled_for = tvm.target.Target(target)
     with compiled_for:  # nvcc reads the CUDA architecture from the current target
-        scheduled = lower_passes(compiled_for)(relax_module)
+        fused = fusion_passes(compiled_for)(relax_module)
+        tiles = tune(fused, compiled_for, trials) if trials else {}
+        scheduled = schedule_pass(compiled_for, tiles)(fused)
         executable = tvm.compile(scheduled, target=compiled_for)
     executable.export_library(str(library))
     functions = scheduled.functions.items()

@@ -1,0 +1,112 @@
+"""`tune trials N` on CPU targets: each matmul kernel's column tile chosen by measurement.
+
+MetaSchedule was measured first (TVM 0.27 here): at 8 to 64 trials it beat the hand rule on one
+kernel by about 10% and lost by about 1.5x on others; it needs apache-tvm-ffi < 0.1.15 (later
+ones crash serializing its database), psutil, and a 30 s intrinsics import in every build
+worker; and it measures only static shapes, while every qspec kernel has a symbolic row count.
+So the search is over the one free parameter of our own rule, the column tile (the row tile is
+fixed by the kernel's padding): each candidate is compiled and timed on the kernel alone with
+every symbolic dimension at SYMBOLIC, N timings in all. Choices are kept in the cache folder by
+target and kernel, so later builds of the same kernels measure nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import numpy as np
+import tvm
+import tvm.sym
+import tvm_ffi
+from tvm import tirx
+
+from qspec.backends.tvm.schedule import CPUMatmul
+from qspec.compiler.latency import cache_dir
+
+CANDIDATES = (16, 32, 8, 64)
+SYMBOLIC = 128
+RUNS = 10
+
+
+def tune(module: tvm.IRModule, target: tvm.target.Target, trials: int) -> dict[int, int]:
+    """Kernel hash -> best column tile, for the kernels the matmul rule schedules."""
+    path = cache_dir() / "tvm-tuning.json"
+    known = _load(path)
+    tiles, left = {}, trials
+    for _, function in sorted(module.functions.items(), key=lambda item: item[0].name_hint):
+        if not isinstance(function, tirx.PrimFunc):
+            continue
+        if CPUMatmul().apply(function, target, False) is None:
+            continue
+        kernel = tvm_ffi.structural_hash(function)
+        key = f"{target}|{kernel}"
+        if key not in known and left >= len(CANDIDATES):
+            timings = {tile: _seconds(function, target, tile) for tile in CANDIDATES}
+            left -= len(CANDIDATES)
+            known[key] = min(timings, key=timings.__getitem__)
+        if key in known:
+            tiles[kernel] = known[key]
+    _store(path, known)
+    return tiles
+
+
+def _seconds(function: tirx.PrimFunc, target: tvm.target.Target, tile: int) -> float:
+    """Median seconds of the kernel scheduled with `tile`, on random inputs."""
+    schedule = CPUMatmul({tvm_ffi.structural_hash(function): tile}).apply(function, target, False)
+    kernel = tvm.compile(schedule.mod["main"].with_attr("global_symbol", "main"), target=target)
+    arguments = _arguments(function)
+    kernel(*arguments)
+    times = []
+    for _ in range(RUNS):
+        start = time.perf_counter()
+        kernel(*arguments)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _arguments(function: tirx.PrimFunc) -> list:
+    """Random buffers (any bit pattern decodes, small integers index in range) and SYMBOLIC for
+    every symbolic dimension and scalar parameter."""
+    buffers = [p for p in function.params if type(p.ty).__name__ == "BufferType"]
+    scalars = [p for p in function.params if type(p.ty).__name__ != "BufferType"]
+    analyzer = tvm.sym.Analyzer()
+    for symbol in {v for b in buffers for d in b.shape for v in _variables(d)} | set(scalars):
+        analyzer.bind(symbol, tirx.const(SYMBOLIC, "int64"))
+    rng = np.random.default_rng(0)
+    arguments = []
+    for parameter in function.params:
+        if parameter in scalars:
+            arguments.append(SYMBOLIC)
+            continue
+        shape = [int(analyzer.simplify(d)) for d in parameter.shape]
+        dtype = str(parameter.dtype)
+        data = (
+            rng.standard_normal(shape) if dtype.startswith("float") else rng.integers(0, 8, shape)
+        )
+        arguments.append(tvm.runtime.tensor(data.astype(dtype)))
+    return arguments
+
+
+def _variables(expression) -> list:
+    """The variables of a shape expression (sums, products, divisions of them and constants)."""
+    if isinstance(expression, tirx.Var):
+        return [expression]
+    parts = [getattr(expression, name, None) for name in ("a", "b")]
+    return [v for part in parts if part is not None for v in _variables(part)]
+
+
+def _load(path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _store(path, entries: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(f".{os.getpid()}")
+    partial.write_text(json.dumps(entries, indent=1, sort_keys=True))
+    os.replace(partial, path)
