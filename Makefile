@@ -33,6 +33,7 @@ bench: install
 	$(PY) bench/parse.py
 	$(PY) bench/onnx_minilm.py
 	$(PY) bench/allocate_minilm.py
+	$(PY) bench/tvm_minilm.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build bench/build *.egg-info
