@@ -73,7 +73,7 @@ def layer_entries(graph: Graph, state: State, artifact) -> list[dict]:
                 bytes=artifact.layer_bytes[name],
                 min_bytes=minimum,
             )
-            if emitted.startswith("decode"):
+            if emitted.startswith("decode+"):  # the ONNX in-graph decode (not a TVM kernel)
                 entry["notes"] = [EMITTED_NOTES["decode"]]
             if compressed.notes:
                 entry.setdefault("notes", []).extend(compressed.notes)

@@ -5,9 +5,10 @@ kernel by about 10% and lost by about 1.5x on others; it needs apache-tvm-ffi < 
 ones crash serializing its database), psutil, and a 30 s intrinsics import in every build
 worker; and it measures only static shapes, while every qspec kernel has a symbolic row count.
 So the search is over the one free parameter of our own rule, the column tile (the row tile is
-fixed by the kernel's padding): each candidate is compiled and timed on the kernel alone with
-every symbolic dimension at SYMBOLIC, N timings in all. Choices are kept in the cache folder by
-target and kernel, so later builds of the same kernels measure nothing.
+fixed by the kernel's padding): each candidate that divides the output columns is compiled and
+timed on the kernel alone at about SYMBOLIC rows, N timings in all, and
+replaces the default only when clearly faster. Choices are kept in the cache folder by target
+and kernel, so later builds of the same kernels measure nothing.
 """
 
 from __future__ import annotations
@@ -21,18 +22,21 @@ import numpy as np
 import tvm
 import tvm.sym
 import tvm_ffi
-from tvm import tirx
+from tvm import s_tir, tirx
 
-from qspec.backends.tvm.schedule import CPUMatmul
+from qspec.backends.tvm.schedule import COLUMN_TILE, CPUMatmul
 from qspec.compiler.latency import cache_dir
 
-CANDIDATES = (16, 32, 8, 64)
-SYMBOLIC = 128
-RUNS = 10
+CANDIDATES = (32, 8, 64)  # besides COLUMN_TILE
+SYMBOLIC = 128  # rows (batch x sequence) the kernels are timed at
+RUNS = 30
+MARGIN = 0.95
 
 
 def tune(module: tvm.IRModule, target: tvm.target.Target, trials: int) -> dict[int, int]:
-    """Kernel hash -> best column tile, for the kernels the matmul rule schedules."""
+    """Kernel hash -> best column tile, for the kernels the matmul rule schedules. Measured on
+    every core, as the runtime runs (TVM reads the thread count at its first parallel kernel)."""
+    os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
     path = cache_dir() / "tvm-tuning.json"
     known = _load(path)
     tiles, left = {}, trials
@@ -43,14 +47,33 @@ def tune(module: tvm.IRModule, target: tvm.target.Target, trials: int) -> dict[i
             continue
         kernel = tvm_ffi.structural_hash(function)
         key = f"{target}|{kernel}"
-        if key not in known and left >= len(CANDIDATES):
-            timings = {tile: _seconds(function, target, tile) for tile in CANDIDATES}
-            left -= len(CANDIDATES)
-            known[key] = min(timings, key=timings.__getitem__)
+        candidates = _candidates(function, target)
+        if key not in known and len(candidates) > 1 and left >= len(candidates):
+            timings = {tile: _seconds(function, target, tile) for tile in candidates}
+            left -= len(candidates)
+            best = min(timings, key=timings.__getitem__)
+            # Keep the default unless a candidate is clearly faster: timings of a kernel this
+            # short move by a few percent between runs.
+            known[key] = best if timings[best] < MARGIN * timings[COLUMN_TILE] else COLUMN_TILE
         if key in known:
             tiles[kernel] = known[key]
     _store(path, known)
     return tiles
+
+
+def _candidates(function: tirx.PrimFunc, target: tvm.target.Target) -> list[int]:
+    """The tiles that divide the kernel's output columns (others would fall back to 8), the
+    default first."""
+    schedule = s_tir.Schedule(function)
+    matmul = next(
+        b
+        for b in schedule.get_child_blocks(schedule.get_sblock("root"))
+        if any(int(v.iter_type) == 2 for v in schedule.get(b).iter_vars)
+    )
+    columns = schedule.get(schedule.get_loops(matmul)[-2]).extent
+    if not isinstance(columns, tirx.IntImm):
+        return []
+    return [tile for tile in (COLUMN_TILE, *CANDIDATES) if int(columns) % tile == 0]
 
 
 def _seconds(function: tirx.PrimFunc, target: tvm.target.Target, tile: int) -> float:
@@ -68,18 +91,21 @@ def _seconds(function: tirx.PrimFunc, target: tvm.target.Target, tile: int) -> f
 
 
 def _arguments(function: tirx.PrimFunc) -> list:
-    """Random buffers (any bit pattern decodes, small integers index in range) and SYMBOLIC for
-    every symbolic dimension and scalar parameter."""
+    """Random buffers (any bit pattern decodes, small integers index in range); symbolic
+    dimensions and scalar parameters sized so that their product is about SYMBOLIC."""
     buffers = [p for p in function.params if type(p.ty).__name__ == "BufferType"]
     scalars = [p for p in function.params if type(p.ty).__name__ != "BufferType"]
+    symbols = {v for b in buffers for d in b.shape for v in _variables(d)} | set(scalars)
+    # Batch x sequence is a product of symbols: each gets the root that makes it ~SYMBOLIC.
+    value = max(1, round(SYMBOLIC ** (1 / max(1, len(symbols)))))
     analyzer = tvm.sym.Analyzer()
-    for symbol in {v for b in buffers for d in b.shape for v in _variables(d)} | set(scalars):
-        analyzer.bind(symbol, tirx.const(SYMBOLIC, "int64"))
+    for symbol in symbols:
+        analyzer.bind(symbol, tirx.const(value, "int64"))
     rng = np.random.default_rng(0)
     arguments = []
     for parameter in function.params:
         if parameter in scalars:
-            arguments.append(SYMBOLIC)
+            arguments.append(value)
             continue
         shape = [int(analyzer.simplify(d)) for d in parameter.shape]
         dtype = str(parameter.dtype)
