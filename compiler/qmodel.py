@@ -7,11 +7,15 @@ module for everything that is not compressed).
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
+from torch import nn
 
-from qspec.compiler.capture import Layer
+from qspec.compiler.capture import Layer, unmatrix
 from qspec.compiler.formats import weight_format
 from qspec.compiler.numerics import Quantized, QuantSpec
 from qspec.compiler.resolve import ActivationPlan, LayerPlan, WeightPlan
@@ -67,3 +71,27 @@ def quant_spec(plan: WeightPlan) -> QuantSpec:
 
 
 QModel = dict[str, CompressedLayer]
+
+
+Lowering = Callable[[CompressedLayer, nn.Module], tuple[nn.Module, str]]
+
+
+def lowered_module(module: nn.Module, qmodel: QModel, lower: Lowering) -> tuple[nn.Module, dict]:
+    """A copy of the float module with every compressed layer replaced by what a backend's
+    `lower` makes of it, and what each became."""
+    module = copy.deepcopy(module)
+    emitted: dict[str, str] = {}
+    for name, compressed in qmodel.items():
+        replacement, what = lower(compressed, module.get_submodule(name))
+        module.set_submodule(name, replacement)
+        emitted[name] = what
+    return module.eval(), emitted
+
+
+def sparse_float(compressed: CompressedLayer, original: nn.Module) -> nn.Module:
+    """The layer itself with its pruned (and SparseGPT-updated) weight: the zeros are stored."""
+    module = copy.deepcopy(original)
+    weight = torch.from_numpy(compressed.effective_weight())
+    with torch.no_grad():
+        module.weight.copy_(unmatrix(compressed.layer, weight))
+    return module

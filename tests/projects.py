@@ -4,6 +4,34 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# An embedding and two Linear layers over token ids: a model that builds in seconds.
+TINY_MODEL = """
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(50, 32)
+        self.fc1 = nn.Linear(32, 64)
+        self.fc2 = nn.Linear(64, 8)
+
+    def forward(self, ids):
+        return self.fc2(torch.relu(self.fc1(self.embed(ids)))).mean(1)
+
+
+def load():
+    torch.manual_seed(0)
+    return Tiny(), (torch.randint(0, 50, (4, 6)),)
+
+
+def batches():
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(8):
+        yield {"ids": torch.randint(0, 50, (8, 6), generator=generator)}
+"""
+
 HEADER = 'qspec 1\nmodel "model.py:load"\ncalibration "model.py:batches" samples 32 holdout 16\n'
 
 

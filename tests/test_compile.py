@@ -11,39 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from projects import write_project
+from projects import TINY_MODEL, write_project
 
 import qspec
 from qspec.dsl.diagnostics import SpecError
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
-
-TINY_MODEL = """
-import torch
-from torch import nn
-
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(50, 32)
-        self.fc1 = nn.Linear(32, 64)
-        self.fc2 = nn.Linear(64, 8)
-
-    def forward(self, ids):
-        return self.fc2(torch.relu(self.fc1(self.embed(ids)))).mean(1)
-
-
-def load():
-    torch.manual_seed(0)
-    return Tiny(), (torch.randint(0, 50, (4, 6)),)
-
-
-def batches():
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(8):
-        yield {"ids": torch.randint(0, 50, (8, 6), generator=generator)}
-"""
 
 
 def tiny_project(tmp_path: Path, body: str, model: str = TINY_MODEL) -> Path:

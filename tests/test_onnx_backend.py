@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import qspec
-from qspec.backends.onnx.export import OnnxArtifact, emit, lowered_module
+from qspec.backends.onnx.export import OnnxArtifact, emit, lowered
 from qspec.backends.onnx.modules import lower
 from qspec.compiler.capture import Graph, Layer, matrix, unmatrix
 from qspec.compiler.errors import UserError
@@ -203,9 +203,9 @@ def export_and_run(
     feed = {i.name: inputs[i.name].numpy() for i in session.get_inputs()}
     outputs = session.run(None, feed)
     optimized = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
-    lowered, _ = lowered_module(graph, qmodel)
+    lowered_net, _ = lowered(graph, qmodel)
     with torch.no_grad():
-        torch_outputs = [t.numpy() for t in lowered(**inputs)]
+        torch_outputs = [t.numpy() for t in lowered_net(**inputs)]
     return Run(modules, layer_inputs, qmodel, artifact, model, outputs, torch_outputs, optimized)
 
 

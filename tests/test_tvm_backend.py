@@ -16,6 +16,7 @@ import torch
 import tvm
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from projects import TINY_MODEL as TINY
 from projects import write_project
 from torch import nn
 from tvm import relax
@@ -176,32 +177,6 @@ def _torch(packed: Packed) -> dict[str, torch.Tensor | None]:
 
 # --- builds ----------------------------------------------------------------------------------
 
-TINY = """
-import torch
-from torch import nn
-
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(50, 32)
-        self.fc1 = nn.Linear(32, 64)
-        self.fc2 = nn.Linear(64, 8)
-
-    def forward(self, ids):
-        return self.fc2(torch.relu(self.fc1(self.embed(ids)))).mean(1)
-
-
-def load():
-    torch.manual_seed(0)
-    return Tiny(), (torch.randint(0, 50, (4, 6)),)
-
-
-def batches():
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(8):
-        yield {"ids": torch.randint(0, 50, (8, 6), generator=generator)}
-"""
 
 BOTH = """
 target onnx

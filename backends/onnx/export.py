@@ -4,7 +4,6 @@ dynamo exporter and the custom translations, and fix the model up for every ONNX
 
 from __future__ import annotations
 
-import copy
 import io
 import logging
 import warnings
@@ -25,7 +24,7 @@ from qspec.backends.onnx.modules import lower
 from qspec.backends.onnx.ops import TABLE
 from qspec.compiler.capture import Graph
 from qspec.compiler.errors import CompileFailure
-from qspec.compiler.qmodel import CompressedLayer, QModel
+from qspec.compiler.qmodel import CompressedLayer, QModel, lowered_module
 from qspec.dsl import ir
 
 DEFAULT_OPSET = 21
@@ -51,19 +50,12 @@ class OnnxArtifact:
         )
 
 
-def lowered_module(graph: Graph, qmodel: QModel) -> tuple[torch.nn.Module, dict[str, str]]:
-    """A copy of the float module with every compressed layer replaced by its lowered module."""
-    module = copy.deepcopy(graph.module)
-    emitted: dict[str, str] = {}
-    for name, compressed in qmodel.items():
-        replacement, what = lower(compressed, module.get_submodule(name))
-        module.set_submodule(name, replacement)
-        emitted[name] = what
-    return module.eval(), emitted
+def lowered(graph: Graph, qmodel: QModel) -> tuple[torch.nn.Module, dict[str, str]]:
+    return lowered_module(graph.module, qmodel, lower)
 
 
 def emit(graph: Graph, qmodel: QModel, target: ir.Target | None, path: Path) -> OnnxArtifact:
-    module, emitted = lowered_module(graph, qmodel)
+    module, emitted = lowered(graph, qmodel)
     opset = int(target.opset.value) if target and target.opset else DEFAULT_OPSET
     dynamic = {
         name: {axis: Dim.AUTO for axis in range(t.dim())} for name, t in graph.example.items()

@@ -49,8 +49,6 @@ fused a MatMul only when it was the QuantizeLinear's sole reader, so layers shar
 
 from __future__ import annotations
 
-import copy
-
 import ml_dtypes
 import numpy as np
 import torch
@@ -58,11 +56,11 @@ from torch import nn
 from torch.nn import functional as F
 
 from qspec.backends.onnx import ops  # noqa: F401  (registers the custom operators)
-from qspec.compiler.capture import Layer, unmatrix
+from qspec.compiler.capture import Layer
 from qspec.compiler.errors import UserError
 from qspec.compiler.formats import WEIGHT_FORMATS
 from qspec.compiler.numerics import Quantized, QuantSpec, code_values, pack, quantize
-from qspec.compiler.qmodel import CompressedLayer
+from qspec.compiler.qmodel import CompressedLayer, sparse_float
 
 NBITS_BLOCKS = (256, 128, 64, 32, 16)
 FLOAT8 = {
@@ -103,7 +101,7 @@ def _lower_main(compressed: CompressedLayer, original: nn.Module) -> tuple[nn.Mo
             why = "the integer kernels need int8 weights: add `weight int8 channel`"
             raise unsupported(compressed, "activation", "quantized activations alone", why)
         if compressed.mask is not None:
-            return _sparse_float(compressed, original), "float (sparse: zeros stored)"
+            return sparse_float(compressed, original), "float (sparse: zeros stored)"
         return original, "float"  # only bias correction, of a weight left as it was
     if compressed.activation is not None:
         return _lower_quantized_activations(compressed, original)
@@ -121,15 +119,6 @@ def _lower_main(compressed: CompressedLayer, original: nn.Module) -> tuple[nn.Mo
         return module, f"DequantizeLinear {module.element}+{module.onnx_op}"
     decoded = DecodedLayer(compressed, original)
     return decoded, f"decode+{decoded.onnx_op}"
-
-
-def _sparse_float(compressed: CompressedLayer, original: nn.Module) -> nn.Module:
-    """The layer itself with its pruned (and SparseGPT-updated) weight: the zeros are stored."""
-    module = copy.deepcopy(original)
-    weight = torch.from_numpy(compressed.effective_weight())
-    with torch.no_grad():
-        module.weight.copy_(unmatrix(compressed.layer, weight))
-    return module
 
 
 class LowRankBranch(nn.Module):

@@ -5,7 +5,6 @@ still packed) into the target's folder."""
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from qspec.backends.tvm.modules import lower
 from qspec.backends.tvm.schedule import build_library
 from qspec.compiler.capture import Graph
 from qspec.compiler.errors import CompileFailure
-from qspec.compiler.qmodel import QModel
+from qspec.compiler.qmodel import QModel, lowered_module
 from qspec.dsl import ir
 
 LIBRARY, PARAMS = "model.so", "params.bin"
@@ -53,14 +52,8 @@ class TvmArtifact:
         return self.param_bytes - sum(self.layer_bytes.values())
 
 
-def lowered_module(graph: Graph, qmodel: QModel) -> tuple[torch.nn.Module, dict[str, str]]:
-    module = copy.deepcopy(graph.module)
-    emitted: dict[str, str] = {}
-    for name, compressed in qmodel.items():
-        replacement, what = lower(compressed, module.get_submodule(name))
-        module.set_submodule(name, replacement)
-        emitted[name] = what
-    return module.eval(), emitted
+def lowered(graph: Graph, qmodel: QModel) -> tuple[torch.nn.Module, dict[str, str]]:
+    return lowered_module(graph.module, qmodel, lower)
 
 
 def tvm_target(target: ir.Target) -> dict:
@@ -79,7 +72,7 @@ def tvm_target(target: ir.Target) -> dict:
 def emit(graph: Graph, qmodel: QModel, target: ir.Target, folder: Path) -> TvmArtifact:
     import tvm
 
-    module, emitted = lowered_module(graph, qmodel)
+    module, emitted = lowered(graph, qmodel)
     spec = tvm_target(target)
     folder.mkdir(parents=True, exist_ok=True)
     try:

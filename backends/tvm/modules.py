@@ -19,8 +19,6 @@ calls. Quantized activations have no TVM kernel here.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 from torch import nn
@@ -28,11 +26,10 @@ from torch.nn import functional as F
 
 from qspec.backends.tvm import ops  # noqa: F401  (registers the custom operators)
 from qspec.backends.tvm.layout import Packed, nm_pattern, pack_layer, pack_quantized
-from qspec.compiler.capture import unmatrix
 from qspec.compiler.errors import UserError
 from qspec.compiler.formats import WEIGHT_FORMATS
 from qspec.compiler.numerics import QuantSpec, quantize
-from qspec.compiler.qmodel import CompressedLayer
+from qspec.compiler.qmodel import CompressedLayer, sparse_float
 
 FACTOR_SPEC = QuantSpec(WEIGHT_FORMATS["int8"], "channel")  # `factors int8`: per-row scales
 
@@ -64,7 +61,7 @@ def _lower_main(compressed: CompressedLayer, original: nn.Module) -> tuple[nn.Mo
     if compressed.weight is None and (compressed.mask is None or nm_pattern(compressed) is None):
         if compressed.mask is None:
             return original, "float"
-        return _sparse_float(compressed, original), "float (sparse: zeros stored)"
+        return sparse_float(compressed, original), "float (sparse: zeros stored)"
     packed = pack_layer(compressed)
     kind = compressed.layer.kind
     if kind.startswith("conv"):
@@ -86,14 +83,6 @@ def _describe(packed: Packed, kind: str) -> str:
     what = "float32 values" if meta.bits == 32 else f"{meta.bits}-bit codes"
     sparse = f" {meta.n}:{meta.m} compressed" if meta.n else ""
     return f"decode in {op} ({what}{sparse})"
-
-
-def _sparse_float(compressed: CompressedLayer, original: nn.Module) -> nn.Module:
-    module = copy.deepcopy(original)
-    weight = torch.from_numpy(compressed.effective_weight())
-    with torch.no_grad():
-        module.weight.copy_(unmatrix(compressed.layer, weight))
-    return module
 
 
 def _frozen(array: np.ndarray | None) -> nn.Parameter | None:
