@@ -55,7 +55,11 @@ class TvmRunner:
         from tvm import relax
 
         if entry["device"] == "cuda" and not tvm.cuda().exist:
-            raise UserError(f"{folder} is compiled for CUDA and this machine has no GPU")
+            arch = entry["target"].get("arch", "")
+            raise UserError(
+                f"{entry['name']} in {folder} is compiled for CUDA {arch} and this machine has no "
+                "GPU: run another target with --backend"
+            )
         device = tvm.cuda() if entry["device"] == "cuda" else tvm.cpu()
         library = tvm.runtime.load_module(str(folder / entry["file"]))
         self.vm = relax.VirtualMachine(library, device)
@@ -115,6 +119,6 @@ def load(folder: str | Path, backend: str | None = None) -> Runner:
     targets = manifest["targets"]
     chosen = next((t for t in targets if backend in (None, t["backend"], t["name"])), None)
     if chosen is None:
-        available = ", ".join(t["backend"] for t in targets)
+        available = ", ".join(t["name"] for t in targets)
         raise UserError(f"the build has no {backend} artifact (it has: {available})")
     return open_target(folder, chosen, list(manifest["model"]["inputs"]))

@@ -163,7 +163,11 @@ def _parser() -> argparse.ArgumentParser:
         "--input", required=True, metavar="IN.npz", help="arrays named like the inputs"
     )
     run.add_argument("--output", required=True, metavar="OUT.npz")
-    run.add_argument("--backend", choices=("onnx", "tvm"), help="default: the spec's first target")
+    run.add_argument(
+        "--backend",
+        metavar="NAME",
+        help="onnx, tvm, or a target's name (tvm_sm80); default: the spec's first target",
+    )
     run.set_defaults(command="run", run=run_artifact)
 
     explain = commands.add_parser(

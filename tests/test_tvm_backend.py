@@ -28,6 +28,7 @@ from qspec.backends.tvm.export import LIBRARY, PARAMS, compile_program, export_p
 from qspec.backends.tvm.layout import Packed, pack_quantized, words
 from qspec.backends.tvm.modules import PackedConv, PackedEmbedding, PackedLinear, conv_options
 from qspec.backends.tvm.ops import TorchOps, decoded
+from qspec.compiler.errors import UserError
 from qspec.compiler.formats import WEIGHT_FORMATS
 from qspec.compiler.numerics import QuantSpec, quantize, unpack
 from qspec.dsl.diagnostics import SpecError
@@ -237,6 +238,11 @@ def test_run_and_load_tvm_in_a_fresh_process(tiny_build: Path, tmp_path: Path):
     np.testing.assert_allclose(outputs["tvm"], outputs["onnx"], rtol=1e-4, atol=1e-5)
     loaded = qspec.load(tiny_build, backend="tvm")({"ids": ids})["output"]
     np.testing.assert_allclose(loaded, outputs["tvm"], rtol=1e-6)
+    command = [sys.executable, "-m", "qspec", "run", str(tiny_build), "--backend", "gpu"]
+    command += ["--input", str(tmp_path / "in.npz"), "--output", str(tmp_path / "gpu.npz")]
+    missing = subprocess.run(command, capture_output=True, text=True)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "the build has no gpu artifact (it has: onnx, tvm)" in missing.stderr
 
 
 def test_activation_quantization_on_tvm_points_at_the_rule(tmp_path: Path):
@@ -261,6 +267,9 @@ def test_cuda_compiles(tmp_path: Path, arch: str):
     assert entry["kernels"] > 0 and not entry["verified"]
     assert entry["device_code"] == "fatbin (nvcc)"
     assert (tmp_path / "out" / "tvm" / "model.so").stat().st_size > 0
+    if not tvm.cuda().exist:
+        with pytest.raises(UserError, match=f"tvm in .* is compiled for CUDA {arch} and this"):
+            qspec.load(tmp_path / "out", backend="tvm")
 
 
 def test_tune_trials_measure_once_then_reuse(tmp_path: Path, monkeypatch):
