@@ -113,7 +113,7 @@ def build(
         "capture": {"method": method, "note": note},
         "fidelity": fidelity and fidelity.as_dict(),
         "targets": [
-            {k: t[k] for k in ("name", "backend", "device", "file", "verified") if k in t}
+            {k: t[k] for k in ("name", "backend", "device", "file", "bytes", "verified") if k in t}
             | ({"fidelity": t["fidelity"]} if t.get("verified") else {"skipped": t.get("skipped")})
             for t in manifest["targets"]
         ],
@@ -147,7 +147,12 @@ def markdown(report: dict) -> str:
         "",
         "| | bytes |",
         "|---|---|",
-        f"| artifact | {totals['artifact_bytes']:,} |",
+        f"| artifact ({report['targets'][0]['file']}) | {totals['artifact_bytes']:,} |",
+        *(
+            f"| {t['name']} ({t['file']} and its parameters) | {t['bytes']:,} |"
+            for t in report["targets"][1:]
+            if t["backend"] == "tvm"
+        ),
         f"| float model | {totals['float_bytes']:,} |",
         f"| theoretical minimum | {totals['min_bytes']:,} |",
         f"| artifact / minimum | {totals['artifact_to_min']} |",
