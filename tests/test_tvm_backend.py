@@ -38,12 +38,12 @@ RNG = np.random.default_rng(0)
 
 
 def run_tvm(module: nn.Module, inputs: dict[str, torch.Tensor], tmp_path: Path) -> np.ndarray:
-    kernels, names = compile_program(export_program(module.eval(), inputs), CPU, tmp_path)
-    assert kernels
+    compiled = compile_program(export_program(module.eval(), inputs), CPU, tmp_path)
+    assert compiled.kernels
     vm = relax.VirtualMachine(tvm.runtime.load_module(str(tmp_path / LIBRARY)), tvm.cpu())
     stored = tvm.runtime.load_param_dict_from_file(str(tmp_path / PARAMS))
     feed = [tvm.runtime.tensor(t.numpy()) for t in inputs.values()]
-    return vm["main"](*feed, *(stored[name] for name in names)).numpy()
+    return vm["main"](*feed, *(stored[name] for name in compiled.params)).numpy()
 
 
 def spec_of(name: str, granularity: str = "group", group: int | None = 32, **kw) -> QuantSpec:

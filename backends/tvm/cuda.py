@@ -19,21 +19,25 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from qspec.compiler.errors import CompileFailure
 from qspec.compiler.latency import cache_dir
 
+if TYPE_CHECKING:  # export imports this module
+    from qspec.backends.tvm.export import Compiled
+
 STUB_SOURCE = Path(__file__).with_name("driver_stub.c")
 
 
-def compile_library(program, target: dict, folder: Path) -> tuple[list[str], list[str], str]:
-    """`export.compile_program` for a CUDA target: (kernels, parameter names, device code)."""
+def compile_library(program, target: dict, folder: Path) -> tuple[Compiled, str]:
+    """`export.compile_program` for a CUDA target, and what device code the library holds."""
     import torch
 
-    from qspec.backends.tvm.export import compile_program
+    from qspec.backends.tvm.export import Compiled, compile_program
 
     if shutil.which("nvcc") is None:
-        return *compile_program(program, target, folder), "CUDA source, compiled when loaded"
+        return compile_program(program, target, folder), "CUDA source, compiled when loaded"
     env = dict(os.environ, TVM_CUDA_COMPILE_MODE="nvcc")
     if ctypes.util.find_library("cuda") is None:
         env["QSPEC_CUDA_DRIVER_STUB"] = str(_driver_stub())
@@ -45,8 +49,7 @@ def compile_library(program, target: dict, folder: Path) -> tuple[list[str], lis
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines() or ["no output"]
         raise CompileFailure(f"CUDA compile failed: {lines[-1]}")
-    kernels, names = json.loads(done.stdout.strip().splitlines()[-1])
-    return kernels, names, "fatbin (nvcc)"
+    return Compiled(*json.loads(done.stdout.strip().splitlines()[-1])), "fatbin (nvcc)"
 
 
 def _driver_stub() -> Path:
@@ -65,7 +68,7 @@ def _driver_stub() -> Path:
 
 
 def main(argv: list[str]) -> None:
-    """The subprocess: PROGRAM TARGET_JSON FOLDER; prints [kernels, parameter names]."""
+    """The subprocess: PROGRAM TARGET_JSON FOLDER; prints what `compile_program` returns."""
     stub = os.environ.get("QSPEC_CUDA_DRIVER_STUB")
     if stub:  # before TVM loads its CUDA runtime library: nothing above imports tvm
         ctypes.CDLL(stub, mode=ctypes.RTLD_GLOBAL)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.export import Dim
@@ -38,7 +39,6 @@ class TvmArtifact:
     emitted: dict[str, str]  # layer -> what it became
     layer_bytes: dict[str, int]  # layer -> bytes of its stored tensors
     param_bytes: int  # bytes of every parameter tensor
-    total_bytes: int  # bytes of the files
     module: torch.nn.Module  # the lowered module that was exported (torch reference ops)
     kernels: list[str]  # kernels in the library
     device_code: str  # llvm, fatbin (nvcc), or CUDA source
@@ -46,6 +46,10 @@ class TvmArtifact:
     @property
     def files(self) -> list[Path]:
         return [self.folder / LIBRARY, self.folder / PARAMS]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(path.stat().st_size for path in self.files)
 
     def other_bytes(self) -> int:
         """Parameter bytes that belong to no compressed layer."""
@@ -70,37 +74,41 @@ def tvm_target(target: ir.Target) -> dict:
 
 
 def emit(graph: Graph, qmodel: QModel, target: ir.Target, folder: Path) -> TvmArtifact:
-    import tvm
-
     module, emitted = lowered(graph, qmodel)
     spec = tvm_target(target)
     folder.mkdir(parents=True, exist_ok=True)
     try:
         program = export_program(module, graph.example)
         if spec["kind"] == "cuda":
-            kernels, names, device_code = compile_library(program, spec, folder)
+            compiled, device_code = compile_library(program, spec, folder)
         else:
             trials = int(target.tune_trials.value) if target.tune_trials else 0
-            kernels, names = compile_program(program, spec, folder, trials)
-            device_code = "llvm"
+            compiled, device_code = compile_program(program, spec, folder, trials), "llvm"
     except CompileFailure:
         raise
     except Exception as error:  # TVM raises many types; the message is what matters
         raise CompileFailure(f"TVM compile failed: {type(error).__name__}: {error}") from error
-    params = tvm.runtime.load_param_dict_from_file(str(folder / PARAMS))
     return TvmArtifact(
         folder,
         "cuda" if spec["kind"] == "cuda" else "llvm",
         spec,
-        names,
+        compiled.params,
         emitted,
         _layer_bytes(module, qmodel),
-        sum(params[name].numpy().nbytes for name in names),
-        sum(path.stat().st_size for path in (folder / LIBRARY, folder / PARAMS)),
+        compiled.param_bytes,
         module,
-        kernels,
+        compiled.kernels,
         device_code,
     )
+
+
+class Compiled(NamedTuple):
+    """What `compile_program` wrote: kernel names, parameter names in the order `main` takes
+    them after the inputs, and the bytes of those parameters."""
+
+    kernels: list[str]
+    params: list[str]
+    param_bytes: int
 
 
 def export_program(module: torch.nn.Module, example: dict[str, torch.Tensor]):
@@ -111,12 +119,9 @@ def export_program(module: torch.nn.Module, example: dict[str, torch.Tensor]):
         return torch.export.export(module, (), kwargs=example, dynamic_shapes=dynamic, strict=False)
 
 
-def compile_program(
-    program, target: dict, folder: Path, trials: int = 0
-) -> tuple[list[str], list[str]]:
+def compile_program(program, target: dict, folder: Path, trials: int = 0) -> Compiled:
     """Import into Relax with the packed kernels, compile (tuning with `trials` timings), write
-    LIBRARY and PARAMS into `folder`: (kernel names, parameter names in the order `main` takes
-    them)."""
+    LIBRARY and PARAMS into `folder`."""
     import tvm
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
@@ -138,7 +143,7 @@ def compile_program(
         kernels = build_library(relax_module, target, folder / LIBRARY, trials)
     values = dict(zip(names, params.get("main", []), strict=True))
     tvm.runtime.save_param_dict_to_file(values, str(folder / PARAMS))
-    return kernels, names
+    return Compiled(kernels, names, sum(value.numpy().nbytes for value in values.values()))
 
 
 HARMLESS = ("Fast mode segfaults when there are out-of-bounds indices",)

@@ -33,7 +33,8 @@ def _static(extent) -> int | None:
     return int(extent) if isinstance(extent, tirx.IntImm) else None
 
 
-def _reductions(sch: s_tir.Schedule, blocks) -> list:
+def reductions(sch: s_tir.Schedule, blocks) -> list:
+    """The blocks that reduce over some axis."""
     return [b for b in blocks if any(int(v.iter_type) == REDUCE for v in sch.get(b).iter_vars)]
 
 
@@ -51,10 +52,10 @@ class CPUMatmul(dl.ScheduleRule):
         preferred = self.tiles.get(tvm_ffi.structural_hash(func), COLUMN_TILE)
         sch = s_tir.Schedule(func)
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
-        reductions = _reductions(sch, blocks)
-        if len(reductions) != 1:
+        reducing = reductions(sch, blocks)
+        if len(reducing) != 1:
             return None
-        matmul = reductions[0]
+        matmul = reducing[0]
         reduce_vars = [v for v in sch.get(matmul).iter_vars if int(v.iter_type) == REDUCE]
         if len(reduce_vars) != 1 or len(sch.get(matmul).reads) < 2:
             return None
@@ -136,11 +137,11 @@ class CPURows(dl.ScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
-        if not _reductions(sch, blocks):
+        if not reductions(sch, blocks):
             return None
         output = blocks[-1]
         loops = sch.get_loops(output)
-        if len(loops) < 2 or _reductions(sch, [output]):
+        if len(loops) < 2 or reductions(sch, [output]):
             return None
         rows = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
         for block in reversed(blocks[:-1]):
@@ -168,7 +169,7 @@ class CPUElementwise(dl.ScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         blocks = sch.get_child_blocks(sch.get_sblock("root"))
-        if not blocks or _reductions(sch, blocks):
+        if not blocks or reductions(sch, blocks):
             return None
         for block in blocks[:-1]:
             _try(sch.compute_inline, block)

@@ -24,7 +24,7 @@ import tvm.sym
 import tvm_ffi
 from tvm import s_tir, tirx
 
-from qspec.backends.tvm.schedule import COLUMN_TILE, CPUMatmul
+from qspec.backends.tvm.schedule import COLUMN_TILE, CPUMatmul, reductions
 from qspec.compiler.latency import cache_dir
 
 CANDIDATES = (32, 8, 64)  # besides COLUMN_TILE
@@ -65,11 +65,8 @@ def _candidates(function: tirx.PrimFunc, target: tvm.target.Target) -> list[int]
     """The tiles that divide the kernel's output columns (others would fall back to 8), the
     default first."""
     schedule = s_tir.Schedule(function)
-    matmul = next(
-        b
-        for b in schedule.get_child_blocks(schedule.get_sblock("root"))
-        if any(int(v.iter_type) == 2 for v in schedule.get(b).iter_vars)
-    )
+    blocks = schedule.get_child_blocks(schedule.get_sblock("root"))
+    matmul = reductions(schedule, blocks)[0]
     columns = schedule.get(schedule.get_loops(matmul)[-2]).extent
     if not isinstance(columns, tirx.IntImm):
         return []
