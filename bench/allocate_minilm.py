@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qspec.compiler.allocate import Candidate, allocate
+from qspec.passes.allocate.ilp import Candidate, allocate
 
 ROOT = Path(__file__).parents[1]
 BUILD = ROOT / "bench" / "build" / "allocate"

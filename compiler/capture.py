@@ -13,9 +13,10 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 from qspec.compiler.errors import UserError
-from qspec.compiler.source import ModelSource
+from qspec.compiler.source import LoadedModel
 from qspec.dsl import ir
 
 LayerKind = Literal["linear", "conv1d", "conv2d", "embedding", "hf_conv1d"]
@@ -99,7 +100,7 @@ def _kind(module: nn.Module) -> LayerKind | None:
     return None
 
 
-def capture(model: ModelSource, model_word: ir.Word | None = None) -> Graph:
+def capture(model: LoadedModel, model_word: ir.Word | None = None) -> Graph:
     module, example = model.module, model.example
     method: Literal["export", "fx"] = "export"
     note = ""
@@ -180,3 +181,9 @@ def _macs(module: nn.Module, example: dict[str, torch.Tensor]) -> dict[str, int]
         for handle in hooks:
             handle.remove()
     return found
+
+
+def primary_tensor(output) -> torch.Tensor:
+    """The first tensor of whatever the model returns (tensor, tuple, dict, ModelOutput)."""
+    leaves, _ = tree_flatten(output)
+    return next(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))

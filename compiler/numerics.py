@@ -57,17 +57,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cache
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 
-from qspec.compiler.formats import SCALE_FORMATS, WEIGHT_FORMATS, Format
+from qspec.dsl.formats import SCALE_FORMATS, WEIGHT_FORMATS, Format
 
 Granularity = Literal["tensor", "channel", "group"]
 ScaleFormat = Literal["fp32", "fp16", "fp8", "e8m0"]
 Rounding = Literal["nearest", "up", "down"]
 
 SCALE_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "fp8": 1, "e8m0": 1}
+# The spec's words for granularities and scale formats, as the types above.
+GRANULARITIES: dict[str, Granularity] = {name: name for name in get_args(Granularity)}
+SCALES: dict[str, ScaleFormat] = {name: name for name in get_args(ScaleFormat)}
 _CHUNK = 1 << 18  # elements per step of the nearest-code search: bounds its temporary memory
 
 
@@ -415,24 +418,6 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
     stream = np.unpackbits(c[..., None], axis=-1, bitorder="little")[..., :bits]
     stream = stream.reshape(*c.shape[:-1], (count + pad) * bits)
     return np.packbits(stream, axis=-1, bitorder="little")
-
-
-def unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
-    """The first `count` b-bit codes of each packed row: the inverse of `pack`."""
-    p = np.asarray(packed, dtype=np.uint8)
-    if bits == 8:
-        return p[..., :count].copy()
-    if p.shape[-1] * 8 < count * bits:
-        raise ValueError(f"{p.shape[-1]} bytes hold fewer than {count} {bits}-bit codes")
-    stream = np.unpackbits(p, axis=-1, bitorder="little")[..., : count * bits]
-    stream = stream.reshape(*p.shape[:-1], count, bits)
-    return np.packbits(stream, axis=-1, bitorder="little")[..., 0]
-
-
-def packed_size(count: int, bits: int) -> int:
-    """Bytes `pack` produces for `count` codes: whole units, as stored."""
-    unit = _unit(bits)
-    return -(-count // unit) * unit * bits // 8
 
 
 def nbytes(spec: QuantSpec, shape: tuple[int, int]) -> dict[str, int]:

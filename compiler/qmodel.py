@@ -7,18 +7,18 @@ module for everything that is not compressed).
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from torch import nn
 
-from qspec.compiler.capture import Layer, unmatrix
-from qspec.compiler.formats import weight_format
+from qspec.compiler.capture import Layer
 from qspec.compiler.numerics import Quantized, QuantSpec
-from qspec.compiler.resolve import ActivationPlan, LayerPlan, WeightPlan
+from qspec.compiler.resolve import ActivationPlan, LayerPlan
+from qspec.dsl.formats import WEIGHT_FORMATS
+
+# `compensate lora ... factors int8`: each factor symmetric int8 with one fp32 scale per row.
+FACTOR_SPEC = QuantSpec(WEIGHT_FORMATS["int8"], "channel")
 
 
 @dataclass
@@ -58,40 +58,23 @@ class CompressedLayer:
         return float(np.count_nonzero(weight)) / weight.size
 
 
-def quant_spec(plan: WeightPlan) -> QuantSpec:
-    fmt = weight_format(plan.format)
-    assert fmt is not None
-    return QuantSpec(
-        format=fmt,
-        granularity=plan.granularity,  # type: ignore[arg-type]
-        group_size=plan.group_size,
-        symmetric=plan.symmetric,
-        scale_format=plan.scale_format,  # type: ignore[arg-type]
-    )
-
-
 QModel = dict[str, CompressedLayer]
 
 
-Lowering = Callable[[CompressedLayer, nn.Module], tuple[nn.Module, str]]
+def float_param_bytes(module: nn.Module) -> int:
+    """Bytes of a layer's own parameters in float32: what it stores when left uncompressed."""
+    return sum(p.numel() * 4 for p in module.parameters(recurse=False))
 
 
-def lowered_module(module: nn.Module, qmodel: QModel, lower: Lowering) -> tuple[nn.Module, dict]:
-    """A copy of the float module with every compressed layer replaced by what a backend's
-    `lower` makes of it, and what each became."""
-    module = copy.deepcopy(module)
-    emitted: dict[str, str] = {}
-    for name, compressed in qmodel.items():
-        replacement, what = lower(compressed, module.get_submodule(name))
-        module.set_submodule(name, replacement)
-        emitted[name] = what
-    return module.eval(), emitted
+def factor_bytes(rows: int, cols: int, rank: int, factors: str) -> int:
+    """Stored bytes of `B` `[rows, rank]` and `A` `[rank, cols]`.
 
-
-def sparse_float(compressed: CompressedLayer, original: nn.Module) -> nn.Module:
-    """The layer itself with its pruned (and SparseGPT-updated) weight: the zeros are stored."""
-    module = copy.deepcopy(original)
-    weight = torch.from_numpy(compressed.effective_weight())
-    with torch.no_grad():
-        module.weight.copy_(unmatrix(compressed.layer, weight))
-    return module
+    fp16: 2 bytes an element. int8: 1 byte an element plus one fp32 scale per row of each factor
+    (`rows + rank` scales).
+    """
+    elements = rank * (rows + cols)
+    if factors == "fp16":
+        return 2 * elements
+    if factors == "int8":
+        return elements + 4 * (rows + rank) if rank else 0
+    raise ValueError(f"unknown factor format {factors!r}: expected 'fp16' or 'int8'")

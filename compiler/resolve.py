@@ -13,9 +13,10 @@ from typing import Any
 
 from qspec.compiler.capture import Graph, Layer
 from qspec.compiler.errors import UserError
-from qspec.compiler.formats import weight_format
+from qspec.compiler.numerics import GRANULARITIES, SCALES, QuantSpec
 from qspec.dsl import ir
 from qspec.dsl.diagnostics import Note
+from qspec.dsl.formats import weight_format
 from qspec.dsl.patterns import compile_pattern
 from qspec.dsl.validate import Checker
 
@@ -24,27 +25,26 @@ DEFAULT_GROUP = 32
 
 @dataclass(frozen=True)
 class WeightPlan:
-    format: str
-    granularity: str  # tensor | channel | group
-    group_size: int | None
-    symmetric: bool
-    scale_format: str
-    rounding: str = "nearest"
+    """How one weight is compressed: its quantizer, and how its codes are chosen."""
+
+    quantizer: QuantSpec
+    rounding: str = "nearest"  # a rounding method of `passes.methods`
     damp: float = 0.01
     actorder: bool = False
-    search: tuple[str, ...] = ()
+    search: tuple[str, ...] = ()  # quantizer parameters searched: clip, format
 
     @property
     def bits(self) -> int:
-        fmt = weight_format(self.format)
-        assert fmt is not None
-        return fmt.bits
+        return self.quantizer.format.bits
 
     def describe(self) -> str:
-        grain = f"group {self.group_size}" if self.granularity == "group" else self.granularity
-        parts = [self.format, grain, "sym" if self.symmetric else "asym"]
-        if self.scale_format != "fp32":
-            parts.append(f"scale {self.scale_format}")
+        quantizer = self.quantizer
+        grain = quantizer.granularity
+        if grain == "group":
+            grain = f"group {quantizer.group_size}"
+        parts = [quantizer.format.name, grain, "sym" if quantizer.symmetric else "asym"]
+        if quantizer.scale_format != "fp32":
+            parts.append(f"scale {quantizer.scale_format}")
         if self.rounding != "nearest":
             parts.append(self.rounding)
         parts += [f"search {s}" for s in self.search]
@@ -73,6 +73,14 @@ class SparsityPlan:
     @property
     def density(self) -> float:
         return self.n / self.m if self.n and self.m else 1 - (self.ratio or 0.0)
+
+    @property
+    def pattern(self) -> tuple[int, int] | float:
+        """The solvers' form: (n, m), or the fraction pruned."""
+        if self.n is not None and self.m is not None:
+            return (self.n, self.m)
+        assert self.ratio is not None
+        return self.ratio
 
     def describe(self) -> str:
         pattern = f"{self.n}:{self.m}" if self.m else f"{self.ratio:.0%}"
@@ -286,12 +294,15 @@ def _weight_plan(
         _check_group(layer, group, granularity.span if granularity else name.span)
     symmetric = options.symmetric.value if options.symmetric else fmt.family != "uint"
     rounding = options.rounding
-    return WeightPlan(
-        format=fmt.name,
-        granularity=kind,
+    quantizer = QuantSpec(
+        format=fmt,
+        granularity=GRANULARITIES[kind],
         group_size=group,
         symmetric=symmetric,
-        scale_format=options.scale.text if options.scale else "fp32",
+        scale_format=SCALES[options.scale.text if options.scale else "fp32"],
+    )
+    return WeightPlan(
+        quantizer,
         rounding=rounding.method.text if rounding else "nearest",
         damp=float(rounding.damp.value) if rounding and rounding.damp else 0.01,
         actorder=bool(rounding and rounding.actorder),

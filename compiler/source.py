@@ -34,7 +34,7 @@ MAX_BATCHES = 100_000  # a calibration entry may be an endless generator
 
 
 @dataclass
-class ModelSource:
+class LoadedModel:
     """A float model ready to capture: the module, named example inputs, and its digest."""
 
     module: torch.nn.Module
@@ -66,7 +66,7 @@ def resolve_path(word: ir.Word, text: str | None = None) -> Path:
 # ---- model ---------------------------------------------------------------------------------
 
 
-def load_model(source: ir.ModelSource) -> ModelSource:
+def load_model(source: ir.ModelSource) -> LoadedModel:
     torch.manual_seed(0)
     if source.kind == "python":
         result = call_entry(source.path, "model entry")
@@ -78,7 +78,7 @@ def load_model(source: ir.ModelSource) -> ModelSource:
     if not isinstance(module, torch.fx.GraphModule):  # an unlifted exported program is eval
         module.eval()
     names = tuple(example)
-    return ModelSource(module, example, names, _weights_digest(module))
+    return LoadedModel(module, example, names, _weights_digest(module))
 
 
 def _check_model_result(result: Any, word: ir.Word) -> tuple[torch.nn.Module, Batch]:
@@ -247,7 +247,7 @@ def _weights_digest(module: torch.nn.Module) -> str:
 
 
 def load_calibration(
-    calibration: ir.Calibration | None, model: ModelSource, model_word: ir.Word | None
+    calibration: ir.Calibration | None, model: LoadedModel, model_word: ir.Word | None
 ) -> CalibrationData:
     """Calibration batches (the first `samples` rows of the source) and held-out batches (its
     last `holdout` rows), so verification never sees a calibration sample."""
@@ -297,7 +297,7 @@ def load_calibration(
     return CalibrationData(head, held, labels, digest.hexdigest())
 
 
-def _try_batch(model: ModelSource, batch: Batch, word: ir.Word) -> None:
+def _try_batch(model: LoadedModel, batch: Batch, word: ir.Word) -> None:
     """Run the float model on one calibration batch, so a shape it cannot take is reported
     here, at the calibration statement, rather than deep inside a pass."""
     try:
@@ -347,7 +347,7 @@ def _array_batches(word: ir.Word) -> Iterable[tuple[Batch, torch.Tensor | None]]
         yield {k: v[window] for k, v in arrays.items()}, None if labels is None else labels[window]
 
 
-def _check_batch(batch: Any, word: ir.Word, model: ModelSource) -> Batch:
+def _check_batch(batch: Any, word: ir.Word, model: LoadedModel) -> Batch:
     named = name_inputs(model.module, batch, word)
     expected = set(model.input_names)
     if set(named) != expected:

@@ -1,8 +1,9 @@
-"""Text to IR: the Lark parser, one Transformer into `ir` dataclasses, and syntax diagnostics.
+"""Text to IR: the Lark grammar, a lexer, and the one Transformer into `ir` dataclasses.
 
-A file parses in one pass. When it has syntax errors, it is cut into top-level statements
-(each starts on a line whose first word is a top-level keyword) and each piece is parsed on its
-own, so one run reports an error per broken statement and checks the words of the others.
+Parsing is re-entrant: the compiled grammar is built once and never changed, and everything a
+parse changes (the lexer's position and comments, the IR builder, Lark's callback table) is made
+for that parse alone, so parses in several threads, or one started inside another, cannot mix.
+A file with syntax errors is handed to `recovery`, which reports each broken statement.
 """
 
 from __future__ import annotations
@@ -10,18 +11,25 @@ from __future__ import annotations
 import gc
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from functools import cache
+from dataclasses import dataclass
+from functools import cache, partial
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
-from lark import Lark, Token, UnexpectedCharacters, UnexpectedInput
-from lark.exceptions import UnexpectedEOF
-from lark.lexer import Lexer, PatternStr
+from lark import Lark, Token, Tree, UnexpectedCharacters, UnexpectedInput
+from lark.grammar import Rule
+from lark.lexer import Lexer, LexerState, LexerThread, LineCounter, PatternStr
+from lark.parse_tree_builder import ParseTreeBuilder
+from lark.parsers.lalr_analysis import ParseTableBase
+from lark.parsers.lalr_parser import LALR_Parser, _Parser
+from lark.utils import TextSlice
 
 from qspec.dsl import ir, vocabulary
-from qspec.dsl.diagnostics import Diagnostic, Note, did_you_mean, some_of
+from qspec.dsl.diagnostics import Diagnostic, Note, did_you_mean
+from qspec.dsl.recovery import ErrorHandler, recover
 from qspec.dsl.vocabulary import Vocabulary
 
 GRAMMAR = Path(__file__).with_name("qspec.lark")
@@ -39,31 +47,44 @@ _TOKEN = re.compile(
 )
 
 
+class _Scan(LexerState):
+    """One parse's lexer state: Lark's position in the text, and the comments passed so far.
+
+    Copies (Lark copies a state to probe what the parser accepts, never to lex) start with no
+    comments.
+    """
+
+    __slots__ = ("comments",)
+
+    def __init__(
+        self, text: TextSlice, line_ctr: LineCounter | None = None, last_token: Token | None = None
+    ):
+        super().__init__(text, line_ctr, last_token)
+        self.comments: list[Token] = []
+
+
 class _Lexer(Lexer):
     """One master regex instead of Lark's lexer: the language is small, specs can be large.
 
     A keyword is lexed as a NAME where the parser cannot take the keyword but takes a NAME
-    (`fitness evaluate`), which is what Lark's contextual lexer would do. Comments go to
-    `self.comments` for the formatter.
+    (`fitness evaluate`), which is what Lark's contextual lexer would do. Comments go to the
+    parse's `_Scan` for the formatter. The lexer holds only the keyword table, so the one
+    instance Lark makes serves every parse.
     """
 
     __future_interface__ = 2
 
     def __init__(self, conf: Any):
-        self.keywords = {
-            t.pattern.value: t.name for t in conf.terminals if isinstance(t.pattern, PatternStr)
-        }
-        self.comments: list[Token] = []
-        self.line_offset = 0
+        self.keywords = MappingProxyType(
+            {t.pattern.value: t.name for t in conf.terminals if isinstance(t.pattern, PatternStr)}
+        )
 
-    def lex(self, state: Any, parser_state: Any) -> Iterator[Token]:
+    def lex(self, state: _Scan, parser_state: Any) -> Iterator[Token]:
         text: str = state.text.text
         counter = state.line_ctr
         states = parser_state.parse_conf.parse_table.states
         keywords = self.keywords
         pos, line, line_start = counter.char_pos, counter.line, counter.line_start_pos
-        if pos == 0:
-            line += self.line_offset  # a piece cut from a larger file keeps its line numbers
         while pos < len(text):
             match = _TOKEN.match(text, pos)
             if match is None:
@@ -91,45 +112,90 @@ class _Lexer(Lexer):
             counter.column = end - line_start + 1
             pos = end
             if kind == "COMMENT":
-                self.comments.append(token)
+                state.comments.append(token)
             elif kind != "WS":
                 yield token
 
 
-class _Reduce:
-    """Lark's embedded-transformer hook: each rule reduces straight to IR, no parse tree.
-
-    Lark looks up one callback per rule name when it builds the parser; rules named `_x` have
-    none, so Lark inlines them into their parent, and terminals (upper case) have none either.
-    """
-
-    to_ir: ToIR
-
-    def __getattr__(self, rule: str) -> Any:
-        if rule.startswith("_") or not rule.islower():
-            raise AttributeError(rule)
-        return lambda children: self.to_ir.reduce(rule, children)
+_Callback = Callable[[list], Any]
 
 
-_reduce = _Reduce()
+@dataclass(frozen=True)
+class _Grammar:
+    """The compiled grammar, shared by every parse and never changed once built."""
+
+    lexer: _Lexer
+    parse_table: ParseTableBase
+    literals: Mapping[str, str]
+    """Terminal name -> literal text, for the keywords and punctuation."""
+    inlined: dict[Rule, _Callback]
+    """Callbacks of the `_x` rules: they build trees that Lark inlines into the parent rule.
+    A dict rather than a read-only view, since copying a dict is fast and each parse starts
+    its callback table as a copy."""
+    wrappers: Mapping[Rule, tuple[str, tuple[Callable[[_Callback], _Callback], ...]]]
+    """Rule -> the `ToIR` method that reduces it, and Lark's wrappers around that method
+    (inlining `_x` children, passing a `?rule`'s single child through)."""
+
+
+def _reduces(name: str) -> bool:
+    """Whether `ToIR` reduces the rule: rules named `_x` (Lark inlines them) do not."""
+    return not name.startswith("_") and name.islower()
 
 
 @cache
-def _lark() -> Lark:
-    return Lark(
-        GRAMMAR.read_text(),
-        parser="lalr",
-        lexer=_Lexer,
-        keep_all_tokens=True,
-        transformer=_reduce,
-        cache=True,
+def _grammar() -> _Grammar:
+    """Built once: the LALR table is the slow part (Lark also keeps it in a disk cache)."""
+    lark = Lark(GRAMMAR.read_text(), parser="lalr", lexer=_Lexer, keep_all_tokens=True, cache=True)
+    builder = ParseTreeBuilder(lark.rules, Tree, maybe_placeholders=lark.options.maybe_placeholders)
+    trees = builder.create_callback()
+    inlined, wrappers = {}, {}
+    for rule, chain in builder.rule_builders:
+        name = rule.alias or rule.options.template_source or rule.origin.name
+        if _reduces(name):
+            wrappers[rule] = (name, tuple(chain))
+        else:
+            inlined[rule] = trees[rule]
+    return _Grammar(
+        lexer=lark.parser.lexer,
+        parse_table=lark.parser.parser._parse_table,
+        literals=MappingProxyType(
+            {t.name: t.pattern.value for t in lark.terminals if isinstance(t.pattern, PatternStr)}
+        ),
+        inlined=inlined,
+        wrappers=MappingProxyType(wrappers),
     )
 
 
-@cache
-def _keywords() -> dict[str, str]:
-    """Terminal name -> literal text, for the keywords and punctuation of the grammar."""
-    return {t.name: t.pattern.value for t in _lark().terminals if isinstance(t.pattern, PatternStr)}
+class _Callbacks(dict):
+    """Lark's rule -> callback table for one parse: each rule reduces straight into that
+    parse's `ToIR`, no parse tree.
+
+    A rule's callback is made when the rule is first reduced, since a small file (or a piece
+    in recovery) uses few rules. The shared `_x` callbacks are in from the start, which also
+    keeps the table truthy (Lark calls no callbacks from an empty one).
+    """
+
+    def __init__(self, grammar: _Grammar, to_ir: ToIR):
+        super().__init__(grammar.inlined)
+        self.wrappers = grammar.wrappers
+        self.reduce = to_ir.reduce
+
+    def __missing__(self, rule: Rule) -> _Callback:
+        name, wrappers = self.wrappers[rule]
+        callback: _Callback = partial(self.reduce, name)
+        for wrap in wrappers:
+            callback = wrap(callback)
+        self[rule] = callback
+        return callback
+
+
+class _Driver(LALR_Parser):
+    """Lark's LALR driver, its `on_error` loop included, running the shared parse table with
+    one parse's callbacks (Lark's own driver holds a single table of callbacks)."""
+
+    def __init__(self, parse_table: ParseTableBase, callbacks: _Callbacks):
+        # no LALR_Parser.__init__: that one builds the parse table
+        self.parser = _Parser(parse_table, callbacks)
 
 
 @contextmanager
@@ -152,264 +218,37 @@ def parse_document(text: str, path: str) -> tuple[ir.Document | None, list[Diagn
 
 
 def _parse_document(text: str, path: str) -> tuple[ir.Document | None, list[Diagnostic]]:
+    grammar = _grammar()
     try:
-        statements, comments, diagnostics = _parse_piece(text, path, 0)
+        statements, comments, diagnostics = _parse(grammar, text, path)
     except UnexpectedInput:
-        return None, sorted(_recover(text, path), key=lambda d: d.span)
+
+        def parse_piece(piece: str, line_offset: int, on_error: ErrorHandler) -> list[Diagnostic]:
+            return _parse(grammar, piece, path, line_offset, on_error)[2]
+
+        return None, recover(text, path, parse_piece, grammar.literals)
     if any(d.severity == "error" for d in diagnostics):
         return None, diagnostics
     return ir.Document(path, tuple(statements), tuple(comments)), diagnostics
 
 
-def _parse_piece(
-    text: str, path: str, line_offset: int, on_error=None
+def _parse(
+    grammar: _Grammar,
+    text: str,
+    path: str,
+    line_offset: int = 0,
+    on_error: ErrorHandler | None = None,
 ) -> tuple[list[ir.Statement], list[ir.Comment], list[Diagnostic]]:
-    lark = _lark()
-    lexer = lark.parser.lexer
-    lexer.comments, lexer.line_offset = [], line_offset
-    to_ir = _reduce.to_ir = ToIR(path)
-    statements, _ = lark.parse(text, on_error=on_error)
-    comments = [ir.Comment(str(t), to_ir.token_span(t)) for t in lexer.comments]
+    """Parse `text`, whose first line is line `line_offset + 1` of the file, with objects of
+    its own: the lexer state, the IR builder and the callback table."""
+    counter = LineCounter("\n")
+    counter.line += line_offset
+    scan = _Scan(TextSlice.cast_from(text), counter)
+    to_ir = ToIR(path)
+    driver = _Driver(grammar.parse_table, _Callbacks(grammar, to_ir))
+    statements, _ = driver.parse(LexerThread(grammar.lexer, scan), "start", on_error)
+    comments = [ir.Comment(str(t), to_ir.token_span(t)) for t in scan.comments]
     return statements, comments, to_ir.diagnostics
-
-
-class _SkipBadTokens:
-    """Lark error handler: report an unexpected token, drop it and go on.
-
-    Tokens dropped right after a reported one (only whitespace between them) are the same
-    mistake and are not reported again.
-    """
-
-    def __init__(self, text: str, path: str, line_offset: int):
-        self.text, self.path, self.line_offset = text, path, line_offset
-        self.diagnostics: list[Diagnostic] = []
-        self.last_end = -1
-
-    def __call__(self, error: UnexpectedInput) -> bool:
-        token = getattr(error, "token", None)
-        if token is None or token.type == "$END":
-            return False
-        follows = self.last_end >= 0 and not self.text[self.last_end : token.start_pos].strip()
-        if not follows:
-            self.diagnostics.append(
-                _syntax_diagnostic(error, self.text, self.path, self.line_offset)
-            )
-        self.last_end = token.end_pos
-        return True
-
-
-_STATEMENT_START = re.compile(
-    r"^[ \t]*(?:" + "|".join(vocabulary.TOP_LEVEL_KEYWORDS) + r")\b", re.MULTILINE
-)
-
-
-def _recover(text: str, path: str) -> list[Diagnostic]:
-    """Parse each top-level statement alone, skipping bad tokens, and report what went wrong."""
-    starts = [m.start() for m in _STATEMENT_START.finditer(text)]
-    if not starts or starts[0] != 0:
-        starts.insert(0, 0)
-    diagnostics: list[Diagnostic] = []
-    for begin, end in zip(starts, [*starts[1:], len(text)], strict=True):
-        piece = text[begin:end]
-        line_offset = text.count("\n", 0, begin)
-        skipper = _SkipBadTokens(piece, path, line_offset)
-        try:
-            found = _parse_piece(piece, path, line_offset, on_error=skipper)[2]
-        except UnexpectedInput as error:
-            found = []
-            if not (skipper.diagnostics and _at_end(error)):  # else: fallout of the first error
-                found.append(_syntax_diagnostic(error, piece, path, line_offset))
-        diagnostics += skipper.diagnostics + found
-    return diagnostics
-
-
-# ---- syntax errors -----------------------------------------------------------------------------
-
-_TOKEN_WORDS = {
-    "NAME": "a name",
-    "NUMBER": "a number",
-    "STRING": 'a quoted string such as "model.py:load"',
-    "REGEX": 'a regex such as re"layer\\.[0-3]\\..*"',
-}
-
-# Families of keywords named as one phrase when a parser state expects all of the required
-# ones; the phrase also covers the absorbed words.
-_FAMILIES: tuple[tuple[frozenset[str], frozenset[str], str], ...] = (
-    (
-        frozenset(vocabulary.TOP_LEVEL_KEYWORDS),
-        frozenset(),
-        "a statement (" + ", ".join(vocabulary.TOP_LEVEL_KEYWORDS) + ")",
-    ),
-    (
-        frozenset({"weight", "activation", "sparsity", "compensate", "keep"}),
-        frozenset(),
-        "a setting (weight, activation, sparsity, compensate, keep)",
-    ),
-    (
-        frozenset({"tensor", "channel", "group", "symmetric", "asymmetric", "scale", "round"}),
-        frozenset({"search", "token"}),
-        "a weight option (tensor, channel, group N, symmetric, asymmetric, scale, round, search)",
-    ),
-    (
-        frozenset({"device", "arch", "mcpu", "opset", "tune"}),
-        frozenset(),
-        "a target option (device, arch, mcpu, opset, tune trials N)",
-    ),
-    (frozenset({"lora", "bias", "none"}), frozenset(), "lora, bias or none"),
-)
-
-# What a NAME stands for, keyed by the keyword before it.
-_NAME_AFTER: dict[str, Vocabulary] = {
-    "weight": vocabulary.WEIGHT_FORMAT,
-    "activation": vocabulary.ACTIVATION_FORMAT,
-    "scale": vocabulary.SCALE_FORMAT,
-    "round": vocabulary.ROUNDING,
-    "search": vocabulary.SEARCH,
-    "by": vocabulary.SPARSITY_METHOD,
-    "target": vocabulary.BACKEND,
-    "device": vocabulary.ALL_DEVICES,
-    "allocate": vocabulary.ALLOCATOR,
-    "factors": vocabulary.FACTOR_FORMAT,
-    "mode": vocabulary.CALIBRATION_MODE,
-}
-
-
-def _syntax_diagnostic(error: UnexpectedInput, text: str, path: str, offset: int) -> Diagnostic:
-    line, column = error.line, error.column
-    previous = _previous_word(text, error.pos_in_stream if error.pos_in_stream else len(text))
-    if isinstance(error, UnexpectedCharacters):
-        char = text[error.pos_in_stream]
-        expected = _expected(error.allowed or set(), previous)
-        span = ir.Span(path, line, column, line, column + 1)
-        if char == '"':
-            return Diagnostic(
-                "error",
-                "unterminated string",
-                span,
-                help="close the string with '\"' on the same line",
-            )
-        if char == "-" and text[error.pos_in_stream + 1 : error.pos_in_stream + 2].isdigit():
-            return Diagnostic("error", "numbers here cannot be negative", span, expected)
-        if char == "-":
-            name = _word_around(text, error.pos_in_stream)
-            return Diagnostic(
-                "error",
-                "unexpected character '-'",
-                span,
-                expected,
-                help=f'a name with dashes must be quoted: "{name}"',
-            )
-        return Diagnostic("error", f"unexpected character {char!r}", span, expected)
-
-    names = _acceptable(error)
-    expected = _expected(names, previous)
-    token = getattr(error, "token", None)
-    if token is None or token.type == "$END":
-        end_line = text.count("\n") + 1
-        span = ir.Span(path, end_line + offset, 1, end_line + offset, 1)
-        opener = _unclosed_brace(text)
-        if "RBRACE" in names and opener is not None:
-            line_no, col = opener
-            span = ir.Span(path, line_no + offset, col, line_no + offset, col + 1)
-            return Diagnostic(
-                "error",
-                "this '{' is never closed",
-                span,
-                help="add '}' after the block's last line",
-            )
-        return Diagnostic("error", "unexpected end of file", span, expected)
-
-    span = ir.Span(path, token.line, token.column, token.end_line, token.end_column)
-    keywords = _keywords()
-    help_text = None
-    if "RBRACE" in names and str(token) in vocabulary.TOP_LEVEL_KEYWORDS:
-        opener = _unclosed_brace(text[: token.start_pos])
-        where = f" opened on line {opener[0] + offset}" if opener else ""
-        help_text = f"the block{where} is not closed: add '}}' before this line"
-    elif token.type == "NAME" or token.type in keywords:
-        choices = [keywords[n] for n in names if n in keywords and keywords[n].isidentifier()]
-        if names == {"NAME"} and previous in _NAME_AFTER:
-            choices = list(_NAME_AFTER[previous].spellings)
-        help_text = did_you_mean(str(token), choices)
-    return Diagnostic("error", f"unexpected {_describe(token)}", span, expected, help_text)
-
-
-def _at_end(error: UnexpectedInput) -> bool:
-    token = getattr(error, "token", None)
-    return isinstance(error, UnexpectedEOF) or (token is not None and token.type == "$END")
-
-
-def _acceptable(error: UnexpectedInput) -> set[str]:
-    """Terminals the parser would really accept here (LALR lookahead sets are too generous)."""
-    interactive = getattr(error, "interactive_parser", None)
-    if interactive is not None:
-        return set(interactive.accepts())
-    return set(getattr(error, "expected", ()))
-
-
-def _word_around(text: str, position: int) -> str:
-    """The run of letters, digits, '_' and '-' that contains `position`."""
-    start, end = position, position
-    while start > 0 and (text[start - 1].isalnum() or text[start - 1] in "_-"):
-        start -= 1
-    while end < len(text) and (text[end].isalnum() or text[end] in "_-"):
-        end += 1
-    return text[start:end]
-
-
-def _describe(token: Token) -> str:
-    if token.type == "NAME":
-        return f"word '{token}'"
-    if token.type == "NUMBER":
-        return f"number {token}"
-    if token.type == "STRING":
-        return f"string {token}"
-    if token.type == "REGEX":
-        return f"regex {token}"
-    return f"'{token}'"
-
-
-def _expected(names: set[str], previous: str | None) -> str:
-    keywords = _keywords()
-    literals = {keywords[n] for n in names if n in keywords}
-    parts: list[str] = []
-    for required, absorbed, phrase in _FAMILIES:
-        if required <= literals:
-            parts.append(phrase)
-            literals -= required | absorbed
-    parts += [f"'{word}'" for word in sorted(literals, key=_keyword_order)]
-    for name in ("NAME", "NUMBER", "STRING", "REGEX"):
-        if name in names:
-            if name == "NAME" and previous in _NAME_AFTER:
-                parts.append(_NAME_AFTER[previous].expected)
-            else:
-                parts.append(_TOKEN_WORDS[name])
-    if "$END" in names:
-        parts.append("the end of the file")
-    return some_of(parts, limit=8) if parts else "nothing more here"
-
-
-def _keyword_order(word: str) -> tuple[bool, str]:
-    return (not word.isidentifier(), word)
-
-
-def _previous_word(text: str, position: int) -> str | None:
-    """The word just before `position`, ignoring comments: names the slot a NAME fills."""
-    before = re.sub(r"#[^\n]*", "", text[:position]).split()
-    return before[-1] if before else None
-
-
-def _unclosed_brace(text: str) -> tuple[int, int] | None:
-    """(line, column) of the last '{' in `text` that has no matching '}'."""
-    stack: list[tuple[int, int]] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        code = re.sub(r'"(?:[^"\\\n]|\\.)*"|#.*', lambda m: " " * len(m.group()), line)
-        for column, char in enumerate(code, 1):
-            if char == "{":
-                stack.append((number, column))
-            elif char == "}" and stack:
-                stack.pop()
-    return stack[-1] if stack else None
 
 
 # ---- tree to IR --------------------------------------------------------------------------------
@@ -428,7 +267,7 @@ class ToIR:
 
     Each rule method gets the span of everything the rule matched and the values of its
     children: IR nodes, or the NAME/NUMBER/STRING/REGEX tokens (keywords are dropped).
-    Lark calls `reduce` as it parses, through `_Reduce`.
+    Lark calls `reduce` as it parses, through the parse's `_Callbacks`.
     """
 
     def __init__(self, path: str):

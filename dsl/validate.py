@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from qspec.compiler.formats import weight_format
 from qspec.dsl import ir
 from qspec.dsl.diagnostics import Diagnostic, Note, did_you_mean
+from qspec.dsl.formats import weight_format
 from qspec.dsl.patterns import PatternError, check_pattern
 from qspec.dsl.vocabulary import DEVICES
 

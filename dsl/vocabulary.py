@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from qspec.compiler.formats import (
+from qspec.dsl.formats import (
     ACTIVATION_FORMATS,
     FORMAT_ALIASES,
     SCALE_FORMATS,

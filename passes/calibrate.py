@@ -1,7 +1,7 @@
 """calibrate: stream the calibration batches through the model and accumulate, for each layer in
-scope, statistics in bounded memory: input and output ranges, a histogram of |input| for
-percentile activation scales, per-channel input absmax, the input mean, and the second moment
-XᵀX for the layers whose passes need it (GPTQ, search, Wanda, SparseGPT, EoRA, fine-tuning).
+scope, statistics in bounded memory (`LayerStats`): input and output ranges (static activation
+scales), the input mean (bias correction), and the second moment XᵀX for the layers whose
+methods need it (`methods.needs_hessian`: GPTQ, search, Wanda, SparseGPT, EoRA, fine-tuning).
 
 In sequential mode the model is `state.working`, in which earlier blocks are already compressed,
 so block i+1 is calibrated on the inputs it will really see (as GPTQ and SparseGPT do).
@@ -11,81 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
 from qspec.compiler.capture import Layer
-from qspec.compiler.pipeline import State
-from qspec.compiler.resolve import LayerPlan
-
-BINS = 2048
-
-
-@dataclass
-class AbsHistogram:
-    """Histogram of |x| over [0, top): the range doubles (merging bin pairs) when it must grow."""
-
-    counts: np.ndarray = field(default_factory=lambda: np.zeros(BINS, np.int64))
-    top: float = 0.0
-
-    def update(self, values: torch.Tensor) -> None:
-        peak = float(values.max()) if values.numel() else 0.0
-        if peak <= 0:
-            self.counts[0] += values.numel()
-            return
-        if self.top == 0:
-            self.top = peak * 1.0001
-        while peak >= self.top:
-            self.counts = self.counts.reshape(-1, 2).sum(1)
-            self.counts = np.concatenate([self.counts, np.zeros(BINS // 2, np.int64)])
-            self.top *= 2
-        hist = torch.histc(values.float(), bins=BINS, min=0.0, max=self.top)
-        self.counts += hist.to(torch.int64).numpy()
-
-    def percentile(self, q: float) -> float:
-        """Upper edge of the bin holding the q-th percentile of |x|."""
-        cumulative = np.cumsum(self.counts)
-        if cumulative[-1] == 0:
-            return 0.0
-        index = int(np.searchsorted(cumulative, q / 100 * cumulative[-1]))
-        return (index + 1) * self.top / BINS
-
-
-@dataclass
-class LayerStats:
-    samples: int = 0  # rows of X seen
-    input_min: float = float("inf")
-    input_max: float = float("-inf")
-    output_min: float = float("inf")
-    output_max: float = float("-inf")
-    input_sum: np.ndarray | None = None  # [cols] float64
-    input_absmax: np.ndarray | None = None  # [cols]: per input channel (and kernel position)
-    xtx: np.ndarray | None = None  # [cols, cols] float64, sum over rows of x xᵀ
-    histogram: AbsHistogram = field(default_factory=AbsHistogram)
-
-    @property
-    def mean_input(self) -> np.ndarray:
-        assert self.input_sum is not None
-        return self.input_sum / max(self.samples, 1)
-
-    @property
-    def hessian(self) -> np.ndarray:
-        """XᵀX / n: the H of GPTQ and EoRA."""
-        assert self.xtx is not None
-        return self.xtx / max(self.samples, 1)
-
-
-def needs_second_moment(plan: LayerPlan) -> bool:
-    weight, sparsity, lowrank = plan.weight, plan.sparsity, plan.lowrank
-    return bool(
-        (weight and (weight.rounding == "gptq" or weight.search))
-        or (sparsity and sparsity.method != "magnitude")
-        or (lowrank and (lowrank.method == "eora" or lowrank.finetune_steps))
-        or plan.candidates  # sensitivity measures every candidate's output error with XᵀX
-    )
+from qspec.compiler.state import LayerStats, State
+from qspec.passes.methods import needs_hessian
 
 
 def input_rows(layer: Layer, module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor | None:
@@ -129,7 +61,7 @@ def run(state: State) -> State:
     hooks = []
     for name in scope:
         layer, plan = state.graph.layers[name], plans[name]
-        second_moment = needs_second_moment(plan)
+        second_moment = needs_hessian(plan)
 
         def hook(child, inputs, output, name=name, layer=layer, second_moment=second_moment):
             x = inputs[0].detach()
@@ -164,17 +96,12 @@ def _accumulate(stats: LayerStats, layer: Layer, module, x, output, second_momen
     x = x.float()
     stats.input_min = min(stats.input_min, float(x.min()))
     stats.input_max = max(stats.input_max, float(x.max()))
-    stats.histogram.update(x.abs().flatten())
     rows = input_rows(layer, module, x)
     if rows is None:
         return
     rows64 = rows.double()
     total = rows64.sum(0).numpy()
     stats.input_sum = total if stats.input_sum is None else stats.input_sum + total
-    peak = rows.abs().amax(0).numpy()
-    stats.input_absmax = (
-        peak if stats.input_absmax is None else np.maximum(stats.input_absmax, peak)
-    )
     stats.samples += rows.shape[0]
     if second_moment:
         product = (rows64.T @ rows64).numpy()

@@ -1,9 +1,10 @@
 """compensate: correct what compression left, per layer.
 
-`compensate lora rank r by svd|eora`: a low-rank residual path B A fitted to the error
-E = W - W_compressed, by plain SVD (LoRC, Yao et al. 2023) or in the eigenspace of the layer's
-input second moment (EoRA, Liu et al. 2024), optionally fine-tuned on the calibration second
-moment (LoRA error correction as in INT2.1), stored in fp16 or int8.
+`compensate lora rank r by svd|eora` (`methods.CORRECTION`, algorithms in `lowrank.py`): a
+low-rank residual path B A fitted to the error E = W - W_compressed, by plain SVD (LoRC, Yao et
+al. 2023) or in the eigenspace of the layer's input second moment (EoRA, Liu et al. 2024),
+optionally fine-tuned on the calibration second moment (LoRA error correction as in INT2.1),
+stored in fp16 or int8.
 `compensate bias`: shift the bias by the expected output error (W - W_compressed) E[x]
 (Nagel et al. 2019).
 """
@@ -13,14 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 from qspec.compiler.capture import matrix
-from qspec.compiler.lowrank import (
-    bias_correction,
-    eora_correction,
-    finetune,
-    store_factors,
-    svd_correction,
-)
-from qspec.compiler.pipeline import State
+from qspec.compiler.state import State
+from qspec.passes.lowrank import bias_correction, finetune, store_factors
+from qspec.passes.methods import CORRECTION
 
 
 def run(state: State) -> State:
@@ -34,12 +30,11 @@ def run(state: State) -> State:
         if lowrank is not None:
             current = compressed.effective_weight()
             error = target - current
-            if lowrank.method == "eora":
-                up, down = eora_correction(error, state.stats[name].hessian, lowrank.rank)
-            else:
-                up, down = svd_correction(error, lowrank.rank)
+            hessian = state.hessian(name)
+            up, down = CORRECTION[lowrank.method].apply(error, hessian, lowrank.rank)
             if lowrank.finetune_steps:
-                inputs = [_square_root(state.stats[name].hessian)]
+                assert hessian is not None
+                inputs = [_square_root(hessian)]
                 up, down = finetune(up, down, target, current, inputs, lowrank.finetune_steps)
             compressed.lowrank = store_factors(up, down, lowrank.factors)
         if plan.bias_correction and compressed.weight is not None:

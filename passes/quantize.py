@@ -1,9 +1,8 @@
 """quantize: round every planned weight onto its format's grid.
 
-Rounding: nearest, or GPTQ (Frantar et al. 2022; jointly with a SparseGPT mask when the layer
-also asks for sparsegpt). Quantizer search, by the layer's output error on the calibration data
-trace(ΔW H ΔWᵀ) rather than the plain weight error: `search clip` picks a clipping ratio per
-block, `search format` the exponent/mantissa split of fp formats (LLM-FP4, Liu et al. 2023).
+Rounding by the layer's method in `methods.ROUNDING`: nearest, or GPTQ (`gptq.py`; jointly
+with a SparseGPT mask when the layer also asks for sparsegpt), after the quantizer search of
+`search.py` (`search clip`, `search format`).
 Static activation scales come from the calibration ranges: the input's, and the output's for
 backends whose integer kernels requantize their output (QLinearConv).
 """
@@ -14,15 +13,15 @@ import numpy as np
 
 from qspec.compiler.capture import matrix
 from qspec.compiler.errors import UserError
-from qspec.compiler.formats import FLOAT_FAMILIES, WEIGHT_FORMATS
-from qspec.compiler.numerics import Quantized, QuantSpec, quantize
-from qspec.compiler.obs import output_error, solve
-from qspec.compiler.pipeline import State
-from qspec.compiler.qmodel import CompressedLayer, quant_spec
+from qspec.compiler.numerics import Quantized
+from qspec.compiler.qmodel import CompressedLayer
 from qspec.compiler.resolve import ActivationPlan, LayerPlan
+from qspec.compiler.state import State
+from qspec.dsl.formats import WEIGHT_FORMATS
+from qspec.passes.methods import ROUNDING, joint_pattern
+from qspec.passes.search import search_clip, search_format
 
 INT8_RANGE = {"int8": (-128, 127), "uint8": (0, 255)}
-CLIP_RATIOS = tuple(np.round(np.linspace(1.0, 0.7, 13), 3))
 
 
 def run(state: State) -> State:
@@ -40,7 +39,7 @@ def run(state: State) -> State:
         original = matrix(plan.layer, module.weight.detach().float()).numpy()
         weight = state.weights.get(name, original)
         stats = state.stats.get(name)
-        hessian = stats.hessian if stats is not None and stats.xtx is not None else None
+        hessian = state.hessian(name)
         notes: list[str] = []
         mask = state.masks.get(name)
         quantized = None
@@ -77,83 +76,21 @@ def _round(
     notes: list[str],
     mask: np.ndarray | None,
 ) -> tuple[Quantized, np.ndarray | None]:
-    """The quantized weight and, in SparseGPT's joint mode, the mask chosen with it. A mask from
-    the sparsify pass is kept: GPTQ leaves its zeros at zero."""
+    """The quantized weight and, when the layer's pruning is solved jointly with its rounding,
+    the mask chosen with it. A mask from the sparsify pass is kept: its zeros stay zero."""
     assert plan.weight is not None
-    spec = quant_spec(plan.weight)
+    quantizer = plan.weight.quantizer
     if "format" in plan.weight.search:
-        spec = _search_format(spec, weight, hessian, plan.weight.search)
-        notes.append(f"search format chose {spec.format.name}")
+        quantizer = search_format(quantizer, weight, hessian, plan.weight.search)
+        notes.append(f"search format chose {quantizer.format.name}")
     clip: float | np.ndarray = 1.0
     if "clip" in plan.weight.search:
-        clip = search_clip(weight, spec, hessian)
+        clip = search_clip(weight, quantizer, hessian)
         notes.append(f"search clip: mean ratio {float(np.mean(clip)):.3f}")
-    joint = plan.sparsity if plan.sparsity and plan.sparsity.method == "sparsegpt" else None
-    if plan.weight.rounding != "gptq":
-        return quantize(weight, spec, clip), None
-    if hessian is None:
-        notes.append("GPTQ needs one input shared by all rows: rounded to nearest instead")
-        return quantize(weight, spec, clip), None
-    sparsity = None
-    if joint is not None:
-        sparsity = (joint.n, joint.m) if joint.m is not None else joint.ratio
-    result = solve(
-        weight,
-        hessian,
-        spec=spec,
-        sparsity=sparsity,
-        percdamp=plan.weight.damp,
-        actorder=plan.weight.actorder,
-        clip=clip,
-        keep=mask if sparsity is None else None,
-    )
-    notes.extend(result.warnings)
-    assert result.quantized is not None
-    return result.quantized, result.mask
-
-
-def _search_format(
-    spec: QuantSpec, weight: np.ndarray, hessian: np.ndarray | None, search: tuple[str, ...]
-) -> QuantSpec:
-    """The float format of this width (e.g. fp4 e2m1, e1m2, e3m0) with the least output error,
-    each with its own best clipping when clip is searched too."""
-    best: tuple[float, QuantSpec] | None = None
-    for name in FLOAT_FAMILIES[spec.format.bits]:
-        candidate = QuantSpec(
-            WEIGHT_FORMATS[name], spec.granularity, spec.group_size, True, spec.scale_format
-        )
-        clip = search_clip(weight, candidate, hessian) if "clip" in search else 1.0
-        delta = weight - quantize(weight, candidate, clip).dequantize()
-        error = output_error(delta, hessian)
-        if best is None or error < best[0]:
-            best = (error, candidate)
-    assert best is not None
-    return best[1]
-
-
-def search_clip(weight: np.ndarray, spec: QuantSpec, hessian: np.ndarray | None) -> np.ndarray:
-    """Per-block clipping ratios [rows, n_blocks] minimising each block's output error, with H
-    restricted to the block's columns (its cross-block terms are dropped)."""
-    rows, cols = weight.shape
-    block = spec.block_size(cols)
-    blocks = spec.n_blocks(cols)
-    width = blocks * block
-    padded_h = np.zeros((width, width))
-    padded_h[:cols, :cols] = hessian if hessian is not None else np.eye(cols)
-    diagonal = np.stack(
-        [padded_h[b * block : (b + 1) * block, b * block : (b + 1) * block] for b in range(blocks)]
-    )
-    errors = []
-    for ratio in CLIP_RATIOS:
-        delta = np.zeros((rows, width))
-        delta[:, :cols] = weight - quantize(weight, spec, float(ratio)).dequantize()
-        delta = delta.reshape(rows, blocks, block)
-        errors.append(np.einsum("rbi,bij,rbj->rb", delta, diagonal, delta))
-    choice = np.asarray(CLIP_RATIOS)[np.argmin(np.stack(errors), axis=0)]
-    if spec.granularity == "tensor":
-        total = np.stack(errors).sum(axis=(1, 2))
-        choice = np.full((rows, 1), CLIP_RATIOS[int(np.argmin(total))])
-    return choice
+    rounding = ROUNDING[plan.weight.rounding].apply
+    rounded = rounding(weight, quantizer, hessian, clip, plan.weight, mask, joint_pattern(plan))
+    notes.extend(rounded.warnings)
+    return rounded.quantized, rounded.mask
 
 
 def static_scale(plan: ActivationPlan, low: float, high: float) -> tuple[float, int]:

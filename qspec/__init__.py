@@ -18,7 +18,7 @@ except PackageNotFoundError:  # running from a source tree that is not installed
 
 def compile(spec, out_dir, **options):
     """Compile a spec into a verified build folder; returns a `Build`. See `qspec compile`."""
-    from qspec.compiler.driver import compile_spec
+    from qspec.driver import compile_spec
 
     return compile_spec(spec, out_dir, **options)
 
@@ -26,14 +26,14 @@ def compile(spec, out_dir, **options):
 def sweep(spec, budget, out_dir, log=lambda _: None):
     """Compile a spec at several values of one budget (`"weight bits=3..6 step 0.5"`); returns
     one row per point. See `qspec sweep`."""
-    from qspec.compiler.sweep import sweep_spec
+    from qspec.pareto import sweep_spec
 
     return sweep_spec(spec, budget, out_dir, log)
 
 
 def load(folder, backend=None):
     """A callable over named numpy arrays for the artifact in a build folder."""
-    from qspec.backends.runtime import load as load_build
+    from qspec.runtime import load as load_build
 
     return load_build(folder, backend)
 

@@ -279,7 +279,7 @@ def _thresholds(pairs: list[str]) -> dict[str, float]:
 
 
 def run_compile(args: argparse.Namespace) -> int:
-    from qspec.compiler.driver import compile_spec
+    from qspec.driver import compile_spec
 
     log = (lambda line: print(f"  {line}", file=sys.stderr)) if args.timings else (lambda _: None)
     build = compile_spec(args.spec, args.output, fail_under=_thresholds(args.fail_under), log=log)
@@ -317,7 +317,7 @@ def summary(manifest: dict, report: dict, latency: dict[str, float]) -> str:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from qspec.compiler.sweep import sweep_spec
+    from qspec.pareto import sweep_spec
 
     log = (lambda line: print(f"  {line}", file=sys.stderr)) if args.timings else (lambda _: None)
     rows = sweep_spec(args.spec, args.budget, args.output, log)
@@ -336,7 +336,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 def run_artifact(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from qspec.backends.runtime import load
+    from qspec.runtime import load
 
     runner = load(args.folder, args.backend)
     try:
@@ -353,7 +353,7 @@ def run_artifact(args: argparse.Namespace) -> int:
 
 
 def run_explain(args: argparse.Namespace) -> int:
-    from qspec.compiler.driver import explain_spec
+    from qspec.driver import explain_spec
 
     print(explain_spec(args.spec, args.build))
     return OK

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qspec.compiler.allocate import Candidate, Infeasible, allocate, smallest_totals
+from qspec.passes.allocate.ilp import Candidate, Infeasible, allocate, smallest_totals
 
 
 def instance(seed: int, layers: int, options: int):

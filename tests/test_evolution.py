@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qspec.compiler.evolution import Problem, evolve
+from qspec.passes.allocate.evolution import Problem, evolve
 
 
 class Recorder:

@@ -10,12 +10,13 @@ import pytest
 import torch
 from torch import nn
 
-from qspec.compiler import latency
+from qspec.backends.onnx import latency
+from qspec.compiler import timing
 from qspec.compiler.capture import Layer, matrix
-from qspec.compiler.formats import WEIGHT_FORMATS
 from qspec.compiler.numerics import QuantSpec, quantize
 from qspec.compiler.qmodel import CompressedLayer
 from qspec.compiler.resolve import LayerPlan
+from qspec.dsl.formats import WEIGHT_FORMATS
 
 INT4_G32 = QuantSpec(WEIGHT_FORMATS["int4"], "group", 32, symmetric=False)
 
@@ -46,7 +47,7 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 
     monkeypatch.setattr(latency, "emit", counting("emit", latency.emit))
     monkeypatch.setattr(latency, "session_latency", counting("benchmark", latency.session_latency))
-    monkeypatch.setattr(latency, "BUDGET", 0.02)
+    monkeypatch.setattr(timing, "BUDGET", 0.02)
     return counts
 
 

@@ -15,20 +15,19 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import weighted_error
 
-from qspec.compiler import lowrank
-from qspec.compiler.lowrank import (
-    INT8_SPEC,
+from qspec.compiler.numerics import nbytes
+from qspec.compiler.qmodel import FACTOR_SPEC, factor_bytes
+from qspec.passes import lowrank
+from qspec.passes.lowrank import (
     bias_correction,
     eora_correction,
-    factor_bytes,
     finetune,
     quantize_factor,
     store_factors,
     svd_correction,
-    weighted_error,
 )
-from qspec.compiler.numerics import nbytes
 
 SETTINGS = settings(max_examples=40, deadline=None)
 shapes = st.tuples(
@@ -309,7 +308,7 @@ def test_store_factors_round_trips(case):
             q.codes.nbytes + q.scales.nbytes for q in stored
         )
         assert factor_bytes(rows, cols, r, "int8") == sum(
-            nbytes(INT8_SPEC, m.shape)["total"] for m in (b, a)
+            nbytes(FACTOR_SPEC, m.shape)["total"] for m in (b, a)
         )
         np.testing.assert_array_equal(stored[0].dequantize(), qb)
 

@@ -12,16 +12,17 @@ import pytest
 from projects import write_project
 
 import qspec
+from qspec.backends.onnx.backend import BACKEND as ONNX
 from qspec.cli import main
 from qspec.compiler.capture import matrix
-from qspec.compiler.driver import prepare
 from qspec.compiler.errors import UserError
-from qspec.compiler.obs import output_error
-from qspec.compiler.pipeline import State
-from qspec.compiler.sensitivity import measure
-from qspec.compiler.sweep import parse_budget
+from qspec.compiler.state import State
+from qspec.driver import prepare
 from qspec.dsl.diagnostics import SpecError
 from qspec.dsl.load import check_file
+from qspec.pareto import parse_budget
+from qspec.passes.allocate.sensitivity import measure
+from qspec.passes.obs import output_error
 
 MODEL = """
 import torch
@@ -129,8 +130,8 @@ def test_errors_fall_as_bits_rise_for_every_sensitivity(tmp_path: Path):
     prepared = prepare(spec)
     graph = prepared.graph
     for how in ("output", "hessian", "metric"):
-        state = State(spec, graph, prepared.plan, prepared.calibration, graph.module)
-        sensitivity = measure(state, how, None, lambda _: None)
+        state = State.start(spec, graph, prepared.plan, prepared.calibration)
+        sensitivity = measure(state, how, ONNX, None, lambda _: None)
         for name, options in sensitivity.options.items():
             errors = [option.error for option in options]
             assert errors[0] > errors[1] > errors[2] - 1e-6, (how, name, errors)
@@ -139,7 +140,10 @@ def test_errors_fall_as_bits_rise_for_every_sensitivity(tmp_path: Path):
             weight = matrix(graph.layers["fc2"], graph.module.fc2.weight.detach()).numpy()
             delta = weight - option.weight
             assert option.error == pytest.approx(output_error(delta, state.stats["fc2"].hessian))
-            assert option.plan.weight is not None and option.plan.weight.format == "int4"
+            assert (
+                option.plan.weight is not None
+                and option.plan.weight.quantizer.format.name == "int4"
+            )
 
 
 def test_tied_layers_share_one_choice(tmp_path: Path):

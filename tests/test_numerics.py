@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import packed_size, unpack
 
-from qspec.compiler.formats import SCALE_FORMATS, WEIGHT_FORMATS, Format
 from qspec.compiler.numerics import (
     Quantized,
     QuantSpec,
@@ -26,12 +26,11 @@ from qspec.compiler.numerics import (
     fit_scales,
     nbytes,
     pack,
-    packed_size,
     quantize,
     quantize_values,
     round_scales,
-    unpack,
 )
+from qspec.dsl.formats import SCALE_FORMATS, WEIGHT_FORMATS, Format
 
 FORMATS = list(WEIGHT_FORMATS.values())
 ML_DTYPES = {

@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qspec.compiler import obs
-from qspec.compiler.formats import WEIGHT_FORMATS
 from qspec.compiler.numerics import Quantized, QuantSpec, decode, quantize
-from qspec.compiler.obs import OBSResult, solve
+from qspec.dsl.formats import WEIGHT_FORMATS
+from qspec.passes import obs
+from qspec.passes.obs import OBSResult, solve
 
 F = WEIGHT_FORMATS
 

@@ -31,15 +31,16 @@ from torch import nn
 from torch.nn import functional as F
 
 import qspec
-from qspec.backends.onnx.export import OnnxArtifact, emit, lowered
+from qspec.backends.lowering import lowered_module
+from qspec.backends.onnx.export import OnnxArtifact, emit
 from qspec.backends.onnx.modules import lower
 from qspec.compiler.capture import Graph, Layer, matrix, unmatrix
 from qspec.compiler.errors import UserError
-from qspec.compiler.formats import WEIGHT_FORMATS
 from qspec.compiler.numerics import Quantized, QuantSpec, nbytes, quantize
 from qspec.compiler.qmodel import CompressedLayer, QModel
 from qspec.compiler.resolve import ActivationPlan, LayerPlan, LowRankPlan
 from qspec.dsl import ir
+from qspec.dsl.formats import WEIGHT_FORMATS
 from qspec.passes.quantize import static_scale
 
 EXAMPLES = Path(__file__).parents[1] / "examples"
@@ -203,7 +204,7 @@ def export_and_run(
     feed = {i.name: inputs[i.name].numpy() for i in session.get_inputs()}
     outputs = session.run(None, feed)
     optimized = Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
-    lowered_net, _ = lowered(graph, qmodel)
+    lowered_net, _ = lowered_module(graph.module, qmodel, lower)
     with torch.no_grad():
         torch_outputs = [t.numpy() for t in lowered_net(**inputs)]
     return Run(modules, layer_inputs, qmodel, artifact, model, outputs, torch_outputs, optimized)

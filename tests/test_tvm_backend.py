@@ -16,6 +16,7 @@ import torch
 import tvm
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import unpack
 from projects import TINY_MODEL as TINY
 from projects import write_project
 from torch import nn
@@ -29,9 +30,9 @@ from qspec.backends.tvm.layout import Packed, pack_quantized, words
 from qspec.backends.tvm.modules import PackedConv, PackedEmbedding, PackedLinear, conv_options
 from qspec.backends.tvm.ops import TorchOps, decoded
 from qspec.compiler.errors import UserError
-from qspec.compiler.formats import WEIGHT_FORMATS
-from qspec.compiler.numerics import QuantSpec, quantize, unpack
+from qspec.compiler.numerics import QuantSpec, quantize
 from qspec.dsl.diagnostics import SpecError
+from qspec.dsl.formats import WEIGHT_FORMATS
 
 CPU = {"kind": "llvm", "mcpu": tvm.target.codegen.llvm_get_system_cpu()}
 RNG = np.random.default_rng(0)

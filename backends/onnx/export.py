@@ -20,14 +20,17 @@ import torch
 from torch.export import Dim
 from torch.utils._pytree import tree_flatten
 
+from qspec.backends.lowering import lowered_module
 from qspec.backends.onnx.modules import lower
 from qspec.backends.onnx.ops import TABLE
 from qspec.compiler.capture import Graph
 from qspec.compiler.errors import CompileFailure
-from qspec.compiler.qmodel import CompressedLayer, QModel, lowered_module
+from qspec.compiler.folder import sha256_file
+from qspec.compiler.qmodel import CompressedLayer, QModel
 from qspec.dsl import ir
 
 DEFAULT_OPSET = 21
+FILE = "model.onnx"
 IR_VERSION = 10  # onnxruntime-gpu 1.31 rejects IR 14 (onnx 1.23's default); opset 21 needs 10
 
 
@@ -38,6 +41,15 @@ class OnnxArtifact:
     layer_bytes: dict[str, int]  # layer -> bytes of its initializers in the file
     total_bytes: int
     module: torch.nn.Module  # the lowered module that was exported (torch reference ops)
+
+    def entry(self, target: ir.Target, stage: Path) -> dict:
+        return {
+            "device": target.device.text if target.device else "cpu",
+            "opset": opset_of(target),
+            "file": self.path.name,
+            "bytes": self.total_bytes,
+            "sha256": sha256_file(self.path),
+        }
 
     def other_bytes(self) -> int:
         """Bytes of the file's initializers that belong to no compressed layer."""
@@ -50,13 +62,9 @@ class OnnxArtifact:
         )
 
 
-def lowered(graph: Graph, qmodel: QModel) -> tuple[torch.nn.Module, dict[str, str]]:
-    return lowered_module(graph.module, qmodel, lower)
-
-
 def emit(graph: Graph, qmodel: QModel, target: ir.Target | None, path: Path) -> OnnxArtifact:
-    module, emitted = lowered(graph, qmodel)
-    opset = int(target.opset.value) if target and target.opset else DEFAULT_OPSET
+    module, emitted = lowered_module(graph.module, qmodel, lower)
+    opset = opset_of(target)
     dynamic = {
         name: {axis: Dim.AUTO for axis in range(t.dim())} for name, t in graph.example.items()
     }
@@ -89,6 +97,10 @@ def emit(graph: Graph, qmodel: QModel, target: ir.Target | None, path: Path) -> 
     data = model.SerializeToString(deterministic=True)
     path.write_bytes(data)
     return OnnxArtifact(path, emitted, _layer_bytes(model, qmodel), len(data), module)
+
+
+def opset_of(target: ir.Target | None) -> int:
+    return int(target.opset.value) if target and target.opset else DEFAULT_OPSET
 
 
 def _optimize(model: onnx_ir.Model, prefixes: tuple[str, ...]) -> None:

@@ -55,43 +55,29 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from qspec.backends import lowering
+from qspec.backends.lowering import sparse_float, with_lowrank
 from qspec.backends.onnx import ops  # noqa: F401  (registers the custom operators)
 from qspec.compiler.capture import Layer
 from qspec.compiler.errors import UserError
-from qspec.compiler.formats import WEIGHT_FORMATS
-from qspec.compiler.numerics import Quantized, QuantSpec, code_values, pack, quantize
-from qspec.compiler.qmodel import CompressedLayer, sparse_float
+from qspec.compiler.numerics import Quantized, code_values, pack, quantize
+from qspec.compiler.qmodel import FACTOR_SPEC, CompressedLayer
 
 NBITS_BLOCKS = (256, 128, 64, 32, 16)
 FLOAT8 = {
     "fp8_e4m3": (torch.float8_e4m3fn, "FLOAT8E4M3FN"),
     "fp8_e5m2": (torch.float8_e5m2, "FLOAT8E5M2"),
 }
-FACTOR_SPEC = QuantSpec(WEIGHT_FORMATS["int8"], "channel")  # `factors int8`: per-row scales
 ACTIVATION_OFFSET = {"int8": 128, "uint8": 0}  # zero point shift to uint8, see the docstring
-
-
-def unsupported(
-    compressed: CompressedLayer, field: str, what: str, why: str | None = None
-) -> UserError:
-    """The error for a setting this backend cannot run, pointing at the rule that set it."""
-    return UserError(
-        f"target onnx cannot run {what} on {compressed.layer.name} ({compressed.layer.kind})",
-        compressed.plan.sources.get(field) or compressed.plan.sources.get("weight"),
-        help=why,
-    )
 
 
 def lower(compressed: CompressedLayer, original: nn.Module) -> tuple[nn.Module, str]:
     """The module that replaces a compressed layer, and the name of what it emits."""
-    main, emitted = _lower_main(compressed, original)
-    if compressed.lowrank is None:
-        return main, emitted
-    if _kind(compressed.layer) != "linear":
-        why = "the low-rank branch is emitted for Linear layers"
-        raise unsupported(compressed, "lora", "low-rank compensation", why)
-    branch = LowRankBranch(main, compressed)
-    return branch, f"{emitted} + low-rank r{branch.rank} ({compressed.plan.lowrank.factors})"
+    return with_lowrank("onnx", compressed, _lower_main(compressed, original), LowRankBranch)
+
+
+def unsupported(compressed: CompressedLayer, field: str, what: str, why: str) -> UserError:
+    return lowering.unsupported("onnx", compressed, field, what, why)
 
 
 def _lower_main(compressed: CompressedLayer, original: nn.Module) -> tuple[nn.Module, str]:

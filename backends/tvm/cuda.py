@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qspec.compiler.cache import cache_dir
 from qspec.compiler.errors import CompileFailure
-from qspec.compiler.latency import cache_dir
 
 if TYPE_CHECKING:  # export imports this module
     from qspec.backends.tvm.export import Compiled

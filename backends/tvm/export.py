@@ -18,12 +18,14 @@ from typing import NamedTuple
 import torch
 from torch.export import Dim
 
+from qspec.backends.lowering import lowered_module
 from qspec.backends.tvm.cuda import compile_library
 from qspec.backends.tvm.modules import lower
 from qspec.backends.tvm.schedule import build_library
 from qspec.compiler.capture import Graph
 from qspec.compiler.errors import CompileFailure
-from qspec.compiler.qmodel import QModel, lowered_module
+from qspec.compiler.folder import sha256_file
+from qspec.compiler.qmodel import CompressedLayer, QModel
 from qspec.dsl import ir
 
 LIBRARY, PARAMS = "model.so", "params.bin"
@@ -51,13 +53,28 @@ class TvmArtifact:
     def total_bytes(self) -> int:
         return sum(path.stat().st_size for path in self.files)
 
+    def entry(self, target: ir.Target, stage: Path) -> dict:
+        library, params = (path.relative_to(stage).as_posix() for path in self.files)
+        return {
+            "device": self.device,
+            "target": self.target,
+            "file": library,
+            "params": params,
+            "bytes": self.total_bytes,
+            "param_bytes": self.param_bytes,
+            "sha256": {path: sha256_file(stage / path) for path in (library, params)},
+            "param_names": self.params,
+            "kernels": len(self.kernels),
+            "device_code": self.device_code,
+            "layers": {
+                name: {"emitted": self.emitted[name], "bytes": self.layer_bytes[name]}
+                for name in self.emitted
+            },
+        }
+
     def other_bytes(self) -> int:
         """Parameter bytes that belong to no compressed layer."""
         return self.param_bytes - sum(self.layer_bytes.values())
-
-
-def lowered(graph: Graph, qmodel: QModel) -> tuple[torch.nn.Module, dict[str, str]]:
-    return lowered_module(graph.module, qmodel, lower)
 
 
 def tvm_target(target: ir.Target) -> dict:
@@ -74,7 +91,7 @@ def tvm_target(target: ir.Target) -> dict:
 
 
 def emit(graph: Graph, qmodel: QModel, target: ir.Target, folder: Path) -> TvmArtifact:
-    module, emitted = lowered(graph, qmodel)
+    module, emitted = lowered_module(graph.module, qmodel, lower)
     spec = tvm_target(target)
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -169,7 +186,13 @@ def _native_notices_dropped() -> Iterator[None]:
 
 
 def _layer_bytes(module: torch.nn.Module, qmodel: QModel) -> dict[str, int]:
-    return {
-        name: sum(p.numel() * p.element_size() for p in module.get_submodule(name).parameters())
-        for name in qmodel
-    }
+    return {name: _parameter_bytes(module.get_submodule(name)) for name in qmodel}
+
+
+def stored_bytes(compressed: CompressedLayer, original: torch.nn.Module) -> int:
+    """The bytes `_layer_bytes` will find for this layer, from its lowered module alone."""
+    return _parameter_bytes(lower(compressed, original)[0])
+
+
+def _parameter_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())

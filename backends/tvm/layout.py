@@ -24,13 +24,13 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from qspec.compiler.numerics import Quantized, code_values, pack
+from qspec.compiler.numerics import Quantized, code_values, decode, encode, pack
 from qspec.compiler.qmodel import CompressedLayer
+from qspec.dsl.formats import WEIGHT_FORMATS
 
 # Kinds of element decode: (code - zero) * s, (code - 2^(b-1)) * s, table[code] * s, value.
 ZERO, OFFSET, TABLE, VALUE = range(4)
 SCALE_KINDS = {"fp32": 0, "fp16": 1, "fp8": 2, "e8m0": 3}
-FP8_FIRST_NORMAL = 0x08  # scale codes are e4m3 normals (see numerics.round_scales)
 
 
 @dataclass(frozen=True)
@@ -172,13 +172,6 @@ def scale_storage(scales: np.ndarray, scale_format: str) -> np.ndarray:
     if scale_format == "e8m0":
         exponent = np.frexp(scales)[1] - 1  # scale = 2^exponent exactly
         return (exponent + 127).astype(np.uint8)
-    table = code_values_fp8_normals()
-    codes = np.searchsorted(table, scales)
-    assert np.array_equal(table[codes], scales), "fp8 scales must be e4m3 normals"
-    return (codes + FP8_FIRST_NORMAL).astype(np.uint8)
-
-
-def code_values_fp8_normals() -> np.ndarray:
-    from qspec.compiler.formats import WEIGHT_FORMATS
-
-    return code_values(WEIGHT_FORMATS["fp8_e4m3"])[FP8_FIRST_NORMAL:0x7F]
+    codes = encode(scales, WEIGHT_FORMATS["fp8_e4m3"])
+    assert np.array_equal(decode(codes, WEIGHT_FORMATS["fp8_e4m3"]), scales), "fp8 scales are exact"
+    return codes

@@ -24,22 +24,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from qspec.backends import lowering
+from qspec.backends.lowering import sparse_float, with_lowrank
 from qspec.backends.tvm import ops  # noqa: F401  (registers the custom operators)
 from qspec.backends.tvm.layout import Packed, nm_pattern, pack_layer, pack_quantized
 from qspec.compiler.errors import UserError
-from qspec.compiler.formats import WEIGHT_FORMATS
-from qspec.compiler.numerics import QuantSpec, quantize
-from qspec.compiler.qmodel import CompressedLayer, sparse_float
-
-FACTOR_SPEC = QuantSpec(WEIGHT_FORMATS["int8"], "channel")  # `factors int8`: per-row scales
-
-
-def unsupported(compressed: CompressedLayer, field: str, what: str, why: str) -> UserError:
-    return UserError(
-        f"target tvm cannot run {what} on {compressed.layer.name} ({compressed.layer.kind})",
-        compressed.plan.sources.get(field) or compressed.plan.sources.get("weight"),
-        help=why,
-    )
+from qspec.compiler.numerics import quantize
+from qspec.compiler.qmodel import FACTOR_SPEC, CompressedLayer
 
 
 def lower(compressed: CompressedLayer, original: nn.Module) -> tuple[nn.Module, str]:
@@ -47,14 +38,11 @@ def lower(compressed: CompressedLayer, original: nn.Module) -> tuple[nn.Module, 
     if compressed.activation is not None:
         why = "the TVM backend runs weight-only formats: compile this layer for target onnx"
         raise unsupported(compressed, "activation", "quantized activations", why)
-    main, emitted = _lower_main(compressed, original)
-    if compressed.lowrank is None:
-        return main, emitted
-    if compressed.layer.kind not in ("linear", "hf_conv1d"):
-        why = "the low-rank branch is emitted for Linear layers"
-        raise unsupported(compressed, "lora", "low-rank compensation", why)
-    branch = LowRankBranch(main, compressed)
-    return branch, f"{emitted} + low-rank r{branch.rank} ({branch.storage})"
+    return with_lowrank("tvm", compressed, _lower_main(compressed, original), LowRankBranch)
+
+
+def unsupported(compressed: CompressedLayer, field: str, what: str, why: str) -> UserError:
+    return lowering.unsupported("tvm", compressed, field, what, why)
 
 
 def _lower_main(compressed: CompressedLayer, original: nn.Module) -> tuple[nn.Module, str]:

@@ -13,10 +13,7 @@ and kernel, so later builds of the same kernels measure nothing.
 
 from __future__ import annotations
 
-import json
 import os
-import statistics
-import time
 
 import numpy as np
 import tvm
@@ -25,11 +22,11 @@ import tvm_ffi
 from tvm import s_tir, tirx
 
 from qspec.backends.tvm.schedule import COLUMN_TILE, CPUMatmul, reductions
-from qspec.compiler.latency import cache_dir
+from qspec.compiler.cache import add_entries, cache_dir, read_entries
+from qspec.compiler.timing import median_seconds
 
 CANDIDATES = (32, 8, 64)  # besides COLUMN_TILE
 SYMBOLIC = 128  # rows (batch x sequence) the kernels are timed at
-RUNS = 30
 MARGIN = 0.95
 
 
@@ -38,7 +35,7 @@ def tune(module: tvm.IRModule, target: tvm.target.Target, trials: int) -> dict[i
     every core, as the runtime runs (TVM reads the thread count at its first parallel kernel)."""
     os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
     path = cache_dir() / "tvm-tuning.json"
-    known = _load(path)
+    known = read_entries(path)
     tiles, left = {}, trials
     for _, function in sorted(module.functions.items(), key=lambda item: item[0].name_hint):
         if not isinstance(function, tirx.PrimFunc):
@@ -57,7 +54,7 @@ def tune(module: tvm.IRModule, target: tvm.target.Target, trials: int) -> dict[i
             known[key] = best if timings[best] < MARGIN * timings[COLUMN_TILE] else COLUMN_TILE
         if key in known:
             tiles[kernel] = known[key]
-    _store(path, known)
+    add_entries(path, known)
     return tiles
 
 
@@ -78,13 +75,7 @@ def _seconds(function: tirx.PrimFunc, target: tvm.target.Target, tile: int) -> f
     schedule = CPUMatmul({tvm_ffi.structural_hash(function): tile}).apply(function, target, False)
     kernel = tvm.compile(schedule.mod["main"].with_attr("global_symbol", "main"), target=target)
     arguments = _arguments(function)
-    kernel(*arguments)
-    times = []
-    for _ in range(RUNS):
-        start = time.perf_counter()
-        kernel(*arguments)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(lambda: kernel(*arguments))
 
 
 def _arguments(function: tirx.PrimFunc) -> list:
@@ -119,17 +110,3 @@ def _variables(expression) -> list:
         return [expression]
     parts = [getattr(expression, name, None) for name in ("a", "b")]
     return [v for part in parts if part is not None for v in _variables(part)]
-
-
-def _load(path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _store(path, entries: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}")
-    partial.write_text(json.dumps(entries, indent=1, sort_keys=True))
-    os.replace(partial, path)

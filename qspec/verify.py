@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from torch.utils._pytree import tree_flatten
 
+from qspec.compiler.capture import primary_tensor
 from qspec.compiler.source import Batch
 
 
@@ -41,12 +41,6 @@ class Fidelity:
 
 def _round(value):
     return float(f"{value:.6g}") if isinstance(value, float) else value
-
-
-def primary_tensor(output) -> torch.Tensor:
-    """The first tensor of whatever the model returns (tensor, tuple, dict, ModelOutput)."""
-    leaves, _ = tree_flatten(output)
-    return next(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
 
 
 def primary_output(output) -> np.ndarray:

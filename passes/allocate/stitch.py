@@ -13,10 +13,9 @@ import copy
 import numpy as np
 import torch
 
-from qspec.compiler.capture import matrix
-from qspec.compiler.pipeline import State, assign_weight
+from qspec.compiler.capture import matrix, primary_tensor
 from qspec.compiler.source import call_entry, rows_of
-from qspec.compiler.verify import primary_tensor
+from qspec.compiler.state import State, assign_weight
 
 
 class Stitched:

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from qspec.compiler.budgets import NAMES, limit_text
-from qspec.compiler.driver import build, prepare
 from qspec.compiler.errors import CompileFailure, InfeasibleBudget, UserError
+from qspec.driver import compile_prepared, prepare
 from qspec.dsl import ir
 from qspec.dsl.diagnostics import SpecError
 from qspec.dsl.load import check_file
+from qspec.passes.allocate.budgets import NAMES, limit_text
 
 METRICS = {text: metric for metric, text in NAMES.items()}
 RANGE = re.compile(
@@ -102,7 +102,7 @@ def sweep_spec(
 def _point(prepared, limit: ir.Limit, limits, folder: Path, log) -> dict:
     row: dict = {"budget": limit_text(limit), "value": limit.value.value, "folder": folder.name}
     try:
-        result = build(prepared, folder, limits, {}, log)
+        result = compile_prepared(prepared, folder, limits, {}, log)
     except InfeasibleBudget as error:
         return {**row, "status": error.diagnostic.message}
     except CompileFailure as failure:

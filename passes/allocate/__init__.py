@@ -14,34 +14,31 @@ factors take (scales and zero points are in `size`, not here): int4 group 32 cou
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from qspec.backends.onnx.export import emit
-from qspec.compiler.allocate import Candidate, Infeasible, allocate, smallest_totals
-from qspec.compiler.budgets import NAMES, bops, in_unit, limit_text, show
+from qspec.compiler.costs import CostModel
 from qspec.compiler.errors import InfeasibleBudget, UserError
-from qspec.compiler.evolution import Problem, evolve
-from qspec.compiler.latency import session_latency
-from qspec.compiler.pipeline import State
-from qspec.compiler.report import float_param_bytes
+from qspec.compiler.qmodel import float_param_bytes
 from qspec.compiler.resolve import Plan
-from qspec.compiler.sensitivity import (
+from qspec.compiler.source import Batch
+from qspec.compiler.state import State
+from qspec.dsl import ir
+from qspec.dsl.diagnostics import Note
+from qspec.dsl.patterns import tie_key
+from qspec.passes.allocate.budgets import NAMES, bops, in_unit, limit_text, show
+from qspec.passes.allocate.evolution import Problem, evolve
+from qspec.passes.allocate.ilp import Candidate, Infeasible, allocate, smallest_totals
+from qspec.passes.allocate.sensitivity import (
     Sensitivity,
     layer_inputs,
     measure,
     stand_in,
 )
-from qspec.compiler.source import Batch
-from qspec.compiler.stitch import Stitched
-from qspec.dsl import ir
-from qspec.dsl.diagnostics import Note
-from qspec.dsl.patterns import tie_key
+from qspec.passes.allocate.stitch import Stitched
 
 
 @dataclass
@@ -58,12 +55,14 @@ def choosing(plan: Plan) -> list[str]:
 def allocate_plan(
     state: State,
     limits: Sequence[ir.Limit],
+    costs: CostModel,
     log: Callable[[str], None],
     sensitivity: Sensitivity | None = None,
     latency_batch: Batch | None = None,
 ) -> tuple[Allocation, Sensitivity]:
-    """Decide every choosing layer of `state.plan` under `limits`. A `sensitivity` measured
-    earlier (for the same plan) is reused, as sweeps do."""
+    """Decide every choosing layer of `state.plan` under `limits`, with the bytes and times
+    `costs` gives for the target. A `sensitivity` measured earlier (for the same plan) is
+    reused, as sweeps do."""
     spec, plan = state.spec, state.plan
     names = choosing(plan)
     strategy = spec.allocate.strategy.text if spec.allocate else "ilp"
@@ -75,12 +74,12 @@ def allocate_plan(
     if sensitivity is None or ("latency" in metrics and not timed):
         batch = latency_batch if "latency" in metrics else None
         shapes = layer_inputs(state.graph, names, batch) if batch is not None else None
-        sensitivity = measure(state, how or "output", shapes, log)
+        sensitivity = measure(state, how or "output", costs, shapes, log)
         log(f"sensitivity: {sensitivity.seconds:.1f} s")
     units = _tie_groups(spec.ties, names, plan)
     missing = metrics - {"weight_bits"} - sensitivity.fixed.keys()
     if missing:  # measured once per metric, then shared by sweep points and size retries
-        sensitivity.fixed.update(_fixed_costs(state, names, missing, latency_batch))
+        sensitivity.fixed.update(_fixed_costs(state, names, missing, costs, latency_batch))
     fixed = sensitivity.fixed
     params = sum(plan.layers[n].layer.params_in_weight for n in names)
     budgets = {limit.metric: _bound(limit, fixed, params) for limit in limits}
@@ -153,7 +152,11 @@ def _bound(limit: ir.Limit, fixed: dict[str, float], params: int) -> float:
 
 
 def _fixed_costs(
-    state: State, names: Sequence[str], metrics: set[str], batch: Batch | None
+    state: State,
+    names: Sequence[str],
+    metrics: set[str],
+    costs: CostModel,
+    batch: Batch | None,
 ) -> dict[str, float]:
     """Every metric's total over what does not choose. Size and latency are measured on an
     artifact emitted with the other layers compressed as planned (rounded to nearest: bytes
@@ -171,13 +174,12 @@ def _fixed_costs(
         return fixed
     qmodel = {name: c for name, c in others.items() if c is not None}
     target = state.spec.targets[0] if state.spec.targets else None
-    with tempfile.TemporaryDirectory() as folder:
-        artifact = emit(graph, qmodel, target, Path(folder) / "model.onnx")
-        float_bytes = sum(float_param_bytes(graph.module.get_submodule(n)) for n in names)
-        fixed["size"] = artifact.total_bytes - float_bytes
-        if "latency" in metrics:
-            assert batch is not None
-            fixed["latency"] = session_latency(artifact.path, batch)
+    timed = batch if "latency" in metrics else None
+    total_bytes, seconds = costs.artifact_costs(graph, qmodel, target, timed)
+    float_bytes = sum(float_param_bytes(graph.module.get_submodule(n)) for n in names)
+    fixed["size"] = total_bytes - float_bytes
+    if seconds is not None:
+        fixed["latency"] = seconds
     return fixed
 
 

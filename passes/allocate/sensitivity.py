@@ -13,7 +13,7 @@ error is, by the spec's `sensitivity`:
 Its costs are exact and additive: `size` the bytes the backend stores (codes, scales, zero points,
 masks, low-rank factors, bias), `weight_bits` the bits of its codes and low-rank factors, `bops`
 MACs x density x weight bits x activation bits, and with a latency budget `latency`, the change
-in the layer's own measured ONNX Runtime time against the float layer.
+in the layer's own time, measured alone on the target's runtime, against the float layer.
 """
 
 from __future__ import annotations
@@ -25,20 +25,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from qspec.backends.onnx.export import stored_bytes
-from qspec.compiler.budgets import bops, weight_bits
-from qspec.compiler.capture import Graph, matrix
-from qspec.compiler.latency import layer_latency
+from qspec.compiler.capture import Graph, matrix, primary_tensor
+from qspec.compiler.costs import CostModel
 from qspec.compiler.numerics import quantize
-from qspec.compiler.obs import output_error
-from qspec.compiler.pipeline import State
-from qspec.compiler.qmodel import CompressedLayer, quant_spec
-from qspec.compiler.report import float_param_bytes
-from qspec.compiler.resolve import LayerPlan, Plan
+from qspec.compiler.qmodel import CompressedLayer, float_param_bytes
+from qspec.compiler.resolve import LayerPlan
 from qspec.compiler.source import Batch
-from qspec.compiler.stitch import Stitched
-from qspec.compiler.verify import primary_tensor
+from qspec.compiler.state import State, run_passes
 from qspec.passes import PIPELINE, calibrate
+from qspec.passes.allocate.budgets import bops, weight_bits
+from qspec.passes.allocate.stitch import Stitched
+from qspec.passes.obs import output_error
 
 METRIC_SAMPLES = 64  # calibration rows per end-to-end measurement of `sensitivity metric`
 HUTCHINSON_PROBES = 8
@@ -67,6 +64,7 @@ class Sensitivity:
 def measure(
     state: State,
     how: str,
+    costs: CostModel,
     latency_shapes: dict[str, tuple[int, ...]] | None,
     log: Callable[[str], None],
 ) -> Sensitivity:
@@ -74,9 +72,7 @@ def measure(
     `latency_shapes` (layer -> input shape of the latency batch) latency is measured too."""
     start = time.perf_counter()
     choosing = tuple(n for n, p in state.plan.layers.items() if p.candidates)
-    state.scope = choosing
-    calibrate.run(state)
-    state.scope = None
+    state = run_passes(state, [("calibrate", calibrate.run)], scope=choosing)
     float_module = state.graph.module
     score = _scorer(state, how)
     traces = _gauss_newton_traces(state, choosing) if how == "hessian" else {}
@@ -99,28 +95,19 @@ def measure(
                 error = score(name, weight)
             else:
                 error = output_error(delta, hessian)
-            costs = layer_costs(plan, compressed, module)
+            spent = layer_costs(plan, compressed, module, costs)
             if latency_shapes is not None:
-                costs["latency"] = latency_delta(name, plan, compressed, module, latency_shapes)
-            options[name].append(Option(plan, candidate.describe(), error, costs, weight))
+                shape = latency_shapes[name]
+                spent["latency"] = latency_delta(plan, compressed, module, shape, costs)
+            options[name].append(Option(plan, candidate.describe(), error, spent, weight))
     return Sensitivity(options, how, time.perf_counter() - start)
 
 
 def compress(state: State, name: str, plan: LayerPlan) -> CompressedLayer | None:
     """The layer compressed by its own passes under `plan` (None when the plan keeps it float),
     on the statistics `state` already holds for it."""
-    single = State(
-        state.spec,
-        state.graph,
-        Plan({name: plan}, []),
-        state.calibration,
-        state.working,
-        scope=(name,),
-        stats={name: state.stats[name]},
-    )
-    for pass_name, run in PIPELINE:
-        if pass_name != "calibrate":
-            single = run(single)
+    after_calibration = [(name, run) for name, run in PIPELINE if run is not calibrate.run]
+    single = run_passes(state.for_layer(name, plan), after_calibration, scope=(name,))
     return single.qmodel.get(name)
 
 
@@ -128,27 +115,31 @@ def compress(state: State, name: str, plan: LayerPlan) -> CompressedLayer | None
 
 
 def layer_costs(
-    plan: LayerPlan, compressed: CompressedLayer | None, module: torch.nn.Module
+    plan: LayerPlan,
+    compressed: CompressedLayer | None,
+    module: torch.nn.Module,
+    costs: CostModel,
 ) -> dict[str, float]:
     """Bytes (as the backend stores them), weight bits and BOPs of one layer as planned."""
-    size = float_param_bytes(module) if compressed is None else stored_bytes(compressed, module)
+    size = float_param_bytes(module)
+    if compressed is not None:
+        size = costs.stored_bytes(compressed, module)
     return {"size": float(size), "weight_bits": weight_bits(plan), "bops": bops(plan)}
 
 
 def latency_delta(
-    name: str,
     plan: LayerPlan,
     compressed: CompressedLayer | None,
     module: torch.nn.Module,
-    shapes: dict[str, tuple[int, ...]],
+    shape: tuple[int, ...],
+    costs: CostModel,
 ) -> float:
-    """Seconds this layer adds (or saves) against its float self, each run alone in ONNX
-    Runtime on its input of the latency batch."""
+    """Seconds this layer adds (or saves) against its float self, each run alone on the
+    target's runtime on its input of the latency batch."""
     if compressed is None:
         return 0.0
-    layer, shape = plan.layer, shapes[name]
-    own = layer_latency(name, layer, module, compressed, shape, describe(plan))
-    return own - layer_latency(name, layer, module, None, shape, "float")
+    own = costs.layer_latency(plan.layer, module, compressed, shape, describe(plan))
+    return own - costs.layer_latency(plan.layer, module, None, shape, "float")
 
 
 def describe(plan: LayerPlan) -> str:
@@ -188,7 +179,7 @@ def stand_in(plan: LayerPlan, module: torch.nn.Module) -> CompressedLayer | None
     compressed = CompressedLayer(
         layer=layer,
         plan=plan,
-        weight=quantize(weight, quant_spec(plan.weight)) if plan.weight else None,
+        weight=quantize(weight, plan.weight.quantizer) if plan.weight else None,
         float_weight=weight,
         mask=np.ones(weight.shape, bool) if plan.sparsity else None,
         bias=None if bias is None else bias.detach().float().numpy(),

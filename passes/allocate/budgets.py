@@ -18,14 +18,14 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from qspec.compiler.formats import weight_format
-from qspec.compiler.lowrank import factor_bytes
+from qspec.compiler.qmodel import factor_bytes
 from qspec.compiler.resolve import LayerPlan
 from qspec.dsl import ir
+from qspec.dsl.formats import weight_format
 
 if TYPE_CHECKING:
-    from qspec.compiler.mixed import Allocation
-    from qspec.compiler.pipeline import State
+    from qspec.compiler.state import State
+    from qspec.passes.allocate import Allocation
 
 FLOAT_BITS = 32
 EXACT = ("weight_bits", "size", "bops")
@@ -40,7 +40,7 @@ def weight_bits(plan: LayerPlan) -> float:
     bits = (plan.weight.bits if plan.weight else FLOAT_BITS) * layer.params_in_weight
     if plan.lowrank is not None and plan.weight is not None:
         rank, factors = plan.lowrank.rank, plan.lowrank.factors
-        bits += 8 * factor_bytes(layer.rows, layer.cols, rank, factors)  # type: ignore[arg-type]
+        bits += 8 * factor_bytes(layer.rows, layer.cols, rank, factors)
     return float(bits)
 
 

@@ -15,8 +15,8 @@ as a branch `y += (x A^T) B^T` (MatMul by `A^T`, then by `B^T`), so the layer co
   INT2.1, Chai et al. 2023), keeping the best iterate.
 - `bias_correction`: the bias shift `(W - W_compressed) E[x]` that removes the expected output
   error (Nagel et al. 2019, "Data-Free Quantization", the data-driven variant).
-- `store_factors` / `quantize_factor` / `factor_bytes`: factors stored as fp16, or int8 with one
-  fp32 scale per row (the repository's int8 channel format, `qspec.compiler.numerics`).
+- `store_factors` / `quantize_factor`: factors stored as fp16, or int8 with one fp32 scale per
+  row (`compiler.qmodel.FACTOR_SPEC`; their bytes: `compiler.qmodel.factor_bytes`).
 
 All linear algebra runs in float64; factors come back in the error's float dtype (float32 for a
 float32 error). A requested rank above `min(rows, cols)` is clipped to it (the correction is then
@@ -30,15 +30,11 @@ EoRA), split into balanced factors.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
 
 import numpy as np
 
-from qspec.compiler.formats import WEIGHT_FORMATS
-from qspec.compiler.numerics import Quantized, QuantSpec, quantize
-
-FactorFormat = Literal["fp16", "int8"]
-INT8_SPEC = QuantSpec(WEIGHT_FORMATS["int8"], "channel")  # symmetric, one fp32 scale per row
+from qspec.compiler.numerics import Quantized, quantize
+from qspec.compiler.qmodel import FACTOR_SPEC
 
 
 def _matrix(a: np.ndarray, name: str) -> np.ndarray:
@@ -125,12 +121,6 @@ def eora_correction(
         return _projected(e, e, r, _out_dtype(error))
     lam = np.maximum(lam, damp * lam.mean())
     return _projected(e, (e @ q) * np.sqrt(lam), r, _out_dtype(error))
-
-
-def weighted_error(error: np.ndarray, H: np.ndarray, B: np.ndarray, A: np.ndarray) -> float:
-    """`tr((E - B A) H (E - B A)^T)` in float64: the output error EoRA minimises."""
-    d = _matrix(error, "error") - _matrix(B, "B") @ _matrix(A, "A")
-    return float(np.sum((d @ _matrix(H, "H")) * d))
 
 
 def finetune(
@@ -234,32 +224,16 @@ def _adam_update(
     return out
 
 
-def factor_bytes(rows: int, cols: int, rank: int, factors: FactorFormat) -> int:
-    """Stored bytes of `B` `[rows, rank]` and `A` `[rank, cols]`.
-
-    fp16: 2 bytes an element. int8: 1 byte an element plus one fp32 scale per row of each factor
-    (`rows + rank` scales).
-    """
-    elements = rank * (rows + cols)
-    if factors == "fp16":
-        return 2 * elements
-    if factors == "int8":
-        return elements + 4 * (rows + rank) if rank else 0
-    raise ValueError(f"unknown factor format {factors!r}: expected 'fp16' or 'int8'")
-
-
 def quantize_factor(M: np.ndarray) -> Quantized:
     """One factor as symmetric int8 with one fp32 scale per row (`qspec.compiler.numerics`).
 
     Codes are offset binary uint8 (`q + 128`, q in [-127, 127]); scale = row absmax / 127 (1 for
     an all-zero row); the nearest code, so every element is within half a step of its value.
     """
-    return quantize(np.asarray(M, dtype=np.float32), INT8_SPEC)
+    return quantize(np.asarray(M, dtype=np.float32), FACTOR_SPEC)
 
 
-def store_factors(
-    B: np.ndarray, A: np.ndarray, factors: FactorFormat
-) -> tuple[np.ndarray, np.ndarray]:
+def store_factors(B: np.ndarray, A: np.ndarray, factors: str) -> tuple[np.ndarray, np.ndarray]:
     """Factors rounded to their storage format: the values the artifact computes with.
 
     fp16: float16 arrays (values beyond fp16's range are an error, not silently saturated).

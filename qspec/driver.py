@@ -2,47 +2,53 @@
 
 from __future__ import annotations
 
-import copy
 import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 
-from qspec.backends.onnx.export import OnnxArtifact
-from qspec.backends.onnx.export import emit as emit_onnx
-from qspec.backends.runtime import cuda_available, open_target
-from qspec.backends.tvm.export import TvmArtifact
-from qspec.backends.tvm.export import emit as emit_tvm
-from qspec.compiler import report
-from qspec.compiler.budgets import EXACT, SIZE_ATTEMPTS, check_budgets, size_excess, tightened
-from qspec.compiler.build import (
+from qspec import report
+from qspec.backends import backend
+from qspec.backends.base import Artifact
+from qspec.backends.onnx.backend import BACKEND as ONNX_COSTS
+from qspec.compiler.capture import Graph, capture
+from qspec.compiler.errors import CompileFailure, UserError
+from qspec.compiler.folder import (
     FORMAT_VERSION,
     read_manifest,
     sha256_file,
     staged,
     write_json,
 )
-from qspec.compiler.capture import Graph, capture
-from qspec.compiler.errors import CompileFailure, UserError
-from qspec.compiler.latency import runner_latency
-from qspec.compiler.mixed import Allocation, allocate_plan, choosing
-from qspec.compiler.pipeline import State, run_passes
+from qspec.compiler.qmodel import float_param_bytes
 from qspec.compiler.resolve import Plan, explain, resolve
-from qspec.compiler.sensitivity import Sensitivity
 from qspec.compiler.source import (
     Batch,
     CalibrationData,
-    ModelSource,
+    LoadedModel,
     load_calibration,
     load_model,
 )
-from qspec.compiler.verify import Fidelity, end_to_end, per_layer
+from qspec.compiler.state import State, run_passes
+from qspec.compiler.timing import median_seconds
 from qspec.dsl import ir
 from qspec.dsl.diagnostics import SpecError
 from qspec.dsl.load import check_file
-from qspec.passes import PIPELINE
+from qspec.passes import PIPELINE, methods
+from qspec.passes.allocate import Allocation, allocate_plan, choosing
+from qspec.passes.allocate.budgets import (
+    EXACT,
+    SIZE_ATTEMPTS,
+    check_budgets,
+    size_excess,
+    tightened,
+)
+from qspec.passes.allocate.sensitivity import Sensitivity
+from qspec.runtime import open_target
+from qspec.verify import Fidelity, end_to_end, per_layer
 
 TOOLS = (
     "torch",
@@ -55,7 +61,6 @@ TOOLS = (
     "transformers",
 )
 DEFAULT_TARGET = ir.Target(ir.Word("onnx"))
-Artifact = OnnxArtifact | TvmArtifact
 
 
 @dataclass
@@ -80,7 +85,9 @@ def compile_spec(
     checked = check_file(spec_path)
     spec = checked.raise_errors()
     try:
-        return build(prepare(spec, log), Path(out_dir), spec.limits, fail_under or {}, log)
+        return compile_prepared(
+            prepare(spec, log), Path(out_dir), spec.limits, fail_under or {}, log
+        )
     except UserError as error:
         raise SpecError([error.diagnostic], checked.sources) from error
 
@@ -131,7 +138,7 @@ class Prepared:
     builds many), with the candidates' sensitivity once measured."""
 
     spec: ir.Spec
-    model: ModelSource
+    model: LoadedModel
     calibration: CalibrationData
     graph: Graph
     plan: Plan
@@ -150,7 +157,7 @@ def prepare(spec: ir.Spec, log: Callable[[str], None] = lambda _: None) -> Prepa
     return Prepared(spec, model, calibration, graph, plan, clock.timings)
 
 
-def build(
+def compile_prepared(
     prepared: Prepared,
     out_dir: Path,
     limits: Sequence[ir.Limit],
@@ -213,7 +220,7 @@ def build(
         for entry in budgets:
             if not entry["met"] and entry["metric"] == "latency":
                 log(f"warning: {entry['limit']} not met here: measured {entry['measured']}")
-        body = report.build(manifest, fidelity, layer_errors, graph.method, graph.note)
+        body = report.assemble(manifest, fidelity, layer_errors, graph.method, graph.note)
         write_json(stage / "manifest.json", manifest)
         write_json(stage / "report.json", body)
         (stage / "report.md").write_text(report.markdown(body))
@@ -265,23 +272,23 @@ class _Clock:
 def _allocate(
     prepared: Prepared, limits: Sequence[ir.Limit], batch: Batch, log: Callable[[str], None]
 ) -> Allocation | None:
+    """Decide the spec's `weight choose` layers, with the ONNX backend as the cost model: ONNX
+    Runtime times one layer in about a second, and every spec can emit ONNX."""
     if not choosing(prepared.plan):
         return None
-    state = State(
-        prepared.spec, prepared.graph, prepared.plan, prepared.calibration, prepared.graph.module
-    )
+    state = State.start(prepared.spec, prepared.graph, prepared.plan, prepared.calibration)
     allocation, prepared.sensitivity = allocate_plan(
-        state, limits, log, prepared.sensitivity, batch
+        state, limits, ONNX_COSTS, log, prepared.sensitivity, batch
     )
     return allocation
 
 
 def _run_passes(prepared: Prepared, plan: Plan, log: Callable[[str], None], clock: _Clock) -> State:
     sequential = _sequential(prepared.spec, plan)
-    module = prepared.graph.module
-    working = copy.deepcopy(module) if sequential else module
-    state = State(prepared.spec, prepared.graph, plan, prepared.calibration, working)
-    state = run_passes(state, PIPELINE, sequential)
+    state = State.start(
+        prepared.spec, prepared.graph, plan, prepared.calibration, sequential=sequential
+    )
+    state = run_passes(state, PIPELINE, sequential=sequential)
     log(f"calibration: {'sequential, block by block' if sequential else 'parallel'}")
     for name, seconds in state.timings.items():
         clock.timings[f"pass {name}"] = clock.timings.get(f"pass {name}", 0.0) + seconds
@@ -290,56 +297,30 @@ def _run_passes(prepared: Prepared, plan: Plan, log: Callable[[str], None], cloc
     return state
 
 
-def _sequential(spec: ir.Spec, plan) -> bool:
-    """Block-by-block calibration through already-compressed blocks: the spec's `mode`, else on
-    whenever a layer uses GPTQ or SparseGPT (whose updates assume the inputs they will see)."""
+def _sequential(spec: ir.Spec, plan: Plan) -> bool:
+    """Block-by-block calibration through already-compressed blocks: the spec's `mode`, else
+    whenever a layer's methods ask for it (GPTQ, SparseGPT: updates for the inputs they will
+    see)."""
     mode = spec.calibration.mode if spec.calibration else None
     if mode is not None:
         return mode.text == "sequential"
-    return any(
-        (p.weight and p.weight.rounding == "gptq")
-        or (p.sparsity and p.sparsity.method == "sparsegpt")
-        for p in plan.layers.values()
-    )
+    return methods.sequential(list(plan.layers.values()))
 
 
 def _emit(graph: Graph, qmodel, target: ir.Target, stage: Path, emitted: dict) -> Artifact:
     """One target's artifact: ONNX once for all onnx targets (the device only picks the
     runtime's provider), TVM in the target's own folder."""
-    if target.backend.text == "onnx":
-        if "onnx" not in emitted:
-            emitted["onnx"] = emit_onnx(graph, qmodel, target, stage / "model.onnx")
+    name = target.backend.text
+    if name == "onnx" and "onnx" in emitted:
         return emitted["onnx"]
-    return emit_tvm(graph, qmodel, target, stage / target.name)
+    artifact = backend(name).emit(graph, qmodel, target, stage)
+    if name == "onnx":
+        emitted["onnx"] = artifact
+    return artifact
 
 
 def _target_entry(target: ir.Target, artifact: Artifact, stage: Path) -> dict:
-    entry: dict = {"backend": target.backend.text, "name": target.name}
-    if isinstance(artifact, OnnxArtifact):
-        return entry | {
-            "device": target.device.text if target.device else "cpu",
-            "opset": int(target.opset.value) if target.opset else 21,
-            "file": artifact.path.name,
-            "bytes": artifact.total_bytes,
-            "sha256": sha256_file(artifact.path),
-        }
-    library, params = (path.relative_to(stage).as_posix() for path in artifact.files)
-    return entry | {
-        "device": artifact.device,
-        "target": artifact.target,
-        "file": library,
-        "params": params,
-        "bytes": artifact.total_bytes,
-        "param_bytes": artifact.param_bytes,
-        "sha256": {path: sha256_file(stage / path) for path in (library, params)},
-        "param_names": artifact.params,
-        "kernels": len(artifact.kernels),
-        "device_code": artifact.device_code,
-        "layers": {
-            name: {"emitted": artifact.emitted[name], "bytes": artifact.layer_bytes[name]}
-            for name in artifact.emitted
-        },
-    }
+    return {"backend": target.backend.text, "name": target.name} | artifact.entry(target, stage)
 
 
 @dataclass
@@ -365,7 +346,7 @@ def _verify(graph: Graph, calibration, entries: list[dict], stage: Path, batch: 
         if entry["file"] in done:
             checks[entry["name"]] = done[entry["file"]]
             continue
-        if entry["device"] == "cuda" and not cuda_available(entry["backend"]):
+        if entry["device"] == "cuda" and not backend(entry["backend"]).cuda_available():
             checks[entry["name"]] = _Check(None, None, "no GPU on the build machine")
             continue
         runner = open_target(stage, entry, list(graph.example), threads=1)
@@ -374,7 +355,7 @@ def _verify(graph: Graph, calibration, entries: list[dict], stage: Path, batch: 
         )
         feed = {name: batch[name].numpy() for name in runner.input_names}
         checks[entry["name"]] = done[entry["file"]] = _Check(
-            fidelity, runner_latency(runner, feed) * 1e3
+            fidelity, median_seconds(partial(runner, feed)) * 1e3
         )
     return checks
 
@@ -386,7 +367,7 @@ def _manifest(spec, model, calibration, graph, state: State, artifact, targets: 
     other = artifact.other_bytes()
     compressed = [entry for entry in layers if entry["name"] in state.qmodel]
     float_bytes = other + sum(
-        report.float_param_bytes(graph.module.get_submodule(e["name"])) for e in compressed
+        float_param_bytes(graph.module.get_submodule(e["name"])) for e in compressed
     )
     minimum = other + sum(entry["min_bytes"] for entry in compressed)
     return {

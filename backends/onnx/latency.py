@@ -16,9 +16,7 @@ import hashlib
 import json
 import os
 import platform
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,12 +26,11 @@ from torch import nn
 
 from qspec.backends.onnx import modules, ops
 from qspec.backends.onnx.export import emit
-from qspec.backends.runtime import OnnxRunner
+from qspec.backends.onnx.runtime import OnnxRunner
+from qspec.compiler.cache import add_entries, cache_dir, read_entries
 from qspec.compiler.capture import Graph, Layer
 from qspec.compiler.qmodel import CompressedLayer
-
-WARMUP = 3  # first runs allocate buffers and pick kernels
-MIN_RUNS, MAX_RUNS, BUDGET = 10, 200, 0.2  # repeat for ~BUDGET seconds within these counts
+from qspec.compiler.timing import median_seconds
 
 
 class _Alone(nn.Module):
@@ -90,64 +87,21 @@ def session_latency(path: Path, batch: dict[str, torch.Tensor], *, threads: int 
     return median_seconds(lambda: runner.session.run(None, feed))
 
 
-def runner_latency(runner: Callable[[dict], object], feed: dict) -> float:
-    """Median seconds of one call of a runner (`backends.runtime`) on a numpy feed."""
-    return median_seconds(lambda: runner(feed))
-
-
-def median_seconds(call: Callable[[], object]) -> float:
-    """The median over at least MIN_RUNS calls after a warmup: it shrugs off scheduler
-    hiccups that a mean would average in."""
-    for _ in range(WARMUP):
-        call()
-    times: list[float] = []
-    while len(times) < MAX_RUNS and (len(times) < MIN_RUNS or sum(times) < BUDGET):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def _cached(parts: list, threads: int, measure: Callable[[], float]) -> float:
     """The cached value for parts plus this machine's runtime, else measure and store it."""
     machine = [threads, onnxruntime.__version__, _cpu(), os.cpu_count(), _lowering()]
     entry = json.dumps([*parts, *machine])
     path = cache_path()
-    value = _load(path).get(entry)
+    value = read_entries(path).get(entry)
     if isinstance(value, float):
         return value
     value = measure()
-    entries = _load(path)  # re-read: another process may have added entries meanwhile
-    entries[entry] = value
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            "w", dir=path.parent, prefix=".latency-", suffix=".tmp", delete=False
-        ) as file:
-            json.dump(entries, file, indent=1, sort_keys=True)
-        os.replace(file.name, path)  # readers see the old file or the new one, never half
-    except OSError:
-        pass  # a read-only cache only costs measuring again
+    add_entries(path, {entry: value})
     return value
-
-
-def cache_dir() -> Path:
-    """Where qspec keeps what later builds reuse: $QSPEC_CACHE_DIR, else ~/.cache/qspec."""
-    folder = os.environ.get("QSPEC_CACHE_DIR")
-    return Path(folder) if folder else Path.home() / ".cache" / "qspec"
 
 
 def cache_path() -> Path:
     return cache_dir() / "latency.json"
-
-
-def _load(path: Path) -> dict[str, object]:
-    """The cache's entries; a missing, unreadable or corrupt file is an empty cache."""
-    try:
-        entries = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return entries if isinstance(entries, dict) else {}
 
 
 @functools.cache

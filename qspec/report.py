@@ -4,24 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch import nn
-
-from qspec.compiler.budgets import weight_bits
 from qspec.compiler.capture import Graph
-from qspec.compiler.lowrank import factor_bytes
 from qspec.compiler.numerics import nbytes
-from qspec.compiler.pipeline import State
-from qspec.compiler.qmodel import quant_spec
-from qspec.compiler.verify import Fidelity
+from qspec.compiler.qmodel import factor_bytes, float_param_bytes
+from qspec.compiler.resolve import WeightPlan
+from qspec.compiler.state import State
+from qspec.passes.allocate.budgets import weight_bits
+from qspec.verify import Fidelity
 
 EMITTED_NOTES = {
     "decode": "no ONNX Runtime kernel for this format: the packed codes are decoded in the graph "
     "(bit operations, codebook, scales) and folded to float when the session loads",
 }
-
-
-def float_param_bytes(module: nn.Module) -> int:
-    return sum(p.numel() * 4 for p in module.parameters(recurse=False))
 
 
 def layer_entries(graph: Graph, state: State, artifact) -> list[dict]:
@@ -35,13 +29,7 @@ def layer_entries(graph: Graph, state: State, artifact) -> list[dict]:
             "kind": layer.kind,
             "shape": list(layer.weight_shape),
             "params": layer.params,
-            "format": plan.weight.format if plan.weight else "float",
-            "granularity": plan.weight.granularity if plan.weight else None,
-            "group": plan.weight.group_size if plan.weight else None,
-            "bits": plan.weight.bits if plan.weight else 32,
-            "symmetric": plan.weight.symmetric if plan.weight else None,
-            "scale_format": plan.weight.scale_format if plan.weight else None,
-            "rounding": plan.weight.rounding if plan.weight else None,
+            **_weight_fields(plan.weight),
             "activation": plan.activation.describe() if plan.activation else None,
             "sparsity": plan.sparsity.describe() if plan.sparsity else None,
             "density": None,
@@ -60,7 +48,7 @@ def layer_entries(graph: Graph, state: State, artifact) -> list[dict]:
         else:
             minimum = 0
             if compressed.weight is not None and plan.weight is not None:
-                minimum += nbytes(quant_spec(plan.weight), (layer.rows, layer.cols))["total"]
+                minimum += nbytes(plan.weight.quantizer, (layer.rows, layer.cols))["total"]
             if compressed.lowrank is not None and plan.lowrank is not None:
                 rank = compressed.lowrank[1].shape[0]
                 minimum += factor_bytes(layer.rows, layer.cols, rank, plan.lowrank.factors)
@@ -81,7 +69,24 @@ def layer_entries(graph: Graph, state: State, artifact) -> list[dict]:
     return entries
 
 
-def build(
+def _weight_fields(weight: WeightPlan | None) -> dict:
+    """The manifest's weight fields, in the manifest's order."""
+    if weight is None:
+        fields = ("format", "granularity", "group", "bits", "symmetric", "scale_format")
+        return dict.fromkeys(fields) | {"format": "float", "bits": 32, "rounding": None}
+    quantizer = weight.quantizer
+    return {
+        "format": quantizer.format.name,
+        "granularity": quantizer.granularity,
+        "group": quantizer.group_size,
+        "bits": weight.bits,
+        "symmetric": quantizer.symmetric,
+        "scale_format": quantizer.scale_format,
+        "rounding": weight.rounding,
+    }
+
+
+def assemble(
     manifest: dict,
     fidelity: Fidelity | None,
     layer_errors: dict[str, dict],
