@@ -10,7 +10,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from qspec.compiler.capture import unmatrix
+from qspec.compiler.capture import unmatrix, weight_of
 from qspec.compiler.errors import UserError
 from qspec.compiler.qmodel import CompressedLayer, QModel
 
@@ -34,7 +34,7 @@ def sparse_float(compressed: CompressedLayer, original: nn.Module) -> nn.Module:
     module = copy.deepcopy(original)
     weight = torch.from_numpy(compressed.effective_weight())
     with torch.no_grad():
-        module.weight.copy_(unmatrix(compressed.layer, weight))
+        weight_of(module).copy_(unmatrix(compressed.layer, weight))
     return module
 
 

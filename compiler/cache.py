@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 
@@ -25,10 +26,10 @@ def read_entries(path: Path) -> dict[str, object]:
     return entries if isinstance(entries, dict) else {}
 
 
-def add_entries(path: Path, new: dict[str, object]) -> None:
+def add_entries(path: Path, new: Mapping[str, object]) -> None:
     """Merge `new` into the file, re-read just before writing (another process may have added
     entries meanwhile) and replaced in one rename, so readers see the old file or the new one."""
-    entries = read_entries(path) | new
+    entries = {**read_entries(path), **new}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(

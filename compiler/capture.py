@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, cast
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
@@ -74,6 +75,16 @@ def matrix(layer: Layer, weight: torch.Tensor) -> torch.Tensor:
     if layer.kind.startswith("conv"):
         return weight.movedim(1, -1).reshape(layer.rows, -1)
     return weight.reshape(layer.rows, -1)
+
+
+def weight_of(module: nn.Module) -> torch.Tensor:
+    """A layer module's weight (torch types module attributes as Tensor | Module)."""
+    return cast(torch.Tensor, module.weight)
+
+
+def float_matrix(layer: Layer, module: nn.Module) -> np.ndarray:
+    """The module's weight as float32 [rows, cols]: what every pass starts from."""
+    return matrix(layer, weight_of(module).detach().float()).numpy()
 
 
 def unmatrix(layer: Layer, weight: torch.Tensor) -> torch.Tensor:
@@ -163,8 +174,14 @@ def _macs(module: nn.Module, example: dict[str, torch.Tensor]) -> dict[str, int]
         if kind is None or kind == "embedding":
             continue
 
-        def hook(layer: nn.Module, _inputs, output, name: str = name, kind: LayerKind = kind):
-            weight = layer.weight
+        def hook(
+            layer: nn.Module,
+            _inputs: tuple[Any, ...],
+            output: torch.Tensor,
+            name: str = name,
+            kind: LayerKind = kind,
+        ) -> None:
+            weight = weight_of(layer)
             if kind in ("linear", "hf_conv1d"):
                 found[name] = found.get(name, 0) + output.numel() * (
                     weight.numel() // output.shape[-1]
@@ -183,7 +200,7 @@ def _macs(module: nn.Module, example: dict[str, torch.Tensor]) -> dict[str, int]
     return found
 
 
-def primary_tensor(output) -> torch.Tensor:
+def primary_tensor(output: object) -> torch.Tensor:
     """The first tensor of whatever the model returns (tensor, tuple, dict, ModelOutput)."""
     leaves, _ = tree_flatten(output)
     return next(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))

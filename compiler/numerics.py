@@ -162,7 +162,9 @@ def code_values(fmt: Format) -> np.ndarray:
 
 
 @cache
-def _levels(fmt: Format, role: Literal["encode", "symmetric", "asymmetric"]):
+def _levels(
+    fmt: Format, role: Literal["encode", "symmetric", "asymmetric"]
+) -> tuple[np.ndarray, np.ndarray]:
     """(ascending float32 levels, their uint8 codes) a quantizer may choose from.
 
     fp formats list magnitudes only (codes without the sign bit); the sign is added afterwards,
@@ -203,7 +205,8 @@ def _nearest(
     dist = np.abs(w64 - values.astype(np.float64))
     rank = np.where(dist == dist.min(axis=0), codes[cand] & 1, 2)
     best = np.take_along_axis(cand, rank.argmin(axis=0)[None], axis=0)[0]
-    return codes[best]
+    nearest: np.ndarray = codes[best]
+    return nearest
 
 
 def _quantize_elements(

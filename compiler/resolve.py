@@ -39,7 +39,7 @@ class WeightPlan:
 
     def describe(self) -> str:
         quantizer = self.quantizer
-        grain = quantizer.granularity
+        grain: str = quantizer.granularity
         if grain == "group":
             grain = f"group {quantizer.group_size}"
         parts = [quantizer.format.name, grain, "sym" if quantizer.symmetric else "asym"]
@@ -250,7 +250,7 @@ def _plan(layer: Layer, fields: dict[str, tuple[Any, ir.Span]]) -> LayerPlan:
     if weight is not None and weight.candidates is None:
         assert weight.format is not None
         weight_plan = _weight_plan(layer, weight.format, options, sparsity_node)
-    elif weight is not None:
+    elif weight is not None and weight.candidates is not None:
         candidates = tuple(_candidate(layer, c, options, sparsity_node) for c in weight.candidates)
     activation = _activation_plan(layer, value("activation"))
     sparsity = _sparsity_plan(layer, sparsity_node)

@@ -163,7 +163,7 @@ def _modularize(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     for node in list(graph.nodes):
         kind = _CALLS.get(node.target) if node.op == "call_function" else None
         weight = node.args[0 if kind == "embedding" else 1] if kind else None
-        if kind is None or getattr(weight, "op", None) != "get_attr":
+        if kind is None or weight is None or getattr(weight, "op", None) != "get_attr":
             continue
         owner = weight.target.rpartition(".")[0]
         bias = node.args[2] if kind != "embedding" and len(node.args) > 2 else None
@@ -180,22 +180,31 @@ def _modularize(graph_module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(graph_module, graph)  # without the exporter's input hooks
 
 
-def _layer_module(kind: str, graph_module, node, bias) -> torch.nn.Module:
-    """The nn module computing `node`, holding the very same parameters."""
-    weight = graph_module.get_parameter(node.args[0 if kind == "embedding" else 1].target)
+def _layer_module(
+    kind: str, graph_module: torch.fx.GraphModule, node: torch.fx.Node, bias: Any
+) -> torch.nn.Module:
+    """The nn module computing `node`, holding the very same parameters.
+
+    `bias` is the call's bias argument, an fx Node or a constant; fx types node arguments as a
+    wide union (`Argument`), so they are read as Any here and checked at run time.
+    """
+    args: tuple[Any, ...] = node.args
+    weight = graph_module.get_parameter(args[0 if kind == "embedding" else 1].target)
     has_bias = getattr(bias, "op", None) == "get_attr"
     if kind == "embedding":
         layer: torch.nn.Module = torch.nn.Embedding(*weight.shape)
     elif kind == "linear":
         layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias)
     else:
-        options = [*node.args[3:7], *(1, 0, 1, 1)[len(node.args[3:7]) :]]
+        options = [*args[3:7], *(1, 0, 1, 1)[len(args[3:7]) :]]
         stride, padding, dilation, groups = options
         conv = torch.nn.Conv1d if kind == "conv1d" else torch.nn.Conv2d
+        # one or two ints; torch's stubs want a tuple of the length that each class takes
+        kernel_size: Any = tuple(weight.shape[2:])
         layer = conv(
             weight.shape[1] * groups,
             weight.shape[0],
-            tuple(weight.shape[2:]),
+            kernel_size,
             stride=stride,
             padding=padding,
             dilation=dilation,
@@ -258,8 +267,9 @@ def load_calibration(
             where,
             help='add: calibration "model.py:batches" samples 128',
         )
-    samples = calibration.samples.value if calibration.samples else DEFAULT_SAMPLES
-    holdout = calibration.holdout.value if calibration.holdout else DEFAULT_HOLDOUT
+    # whole numbers: the parser reads samples and holdout as ints
+    samples = int(calibration.samples.value) if calibration.samples else DEFAULT_SAMPLES
+    holdout = int(calibration.holdout.value) if calibration.holdout else DEFAULT_HOLDOUT
     source = calibration.source
     if source.text.endswith((".npz", ".safetensors")):
         items = _array_batches(source)
@@ -288,13 +298,13 @@ def load_calibration(
             help="lower samples or holdout, or provide more data",
         )
     _try_batch(model, head[0], source)
-    held, labels = _last_rows(list(tail), holdout)
+    held, held_labels = _last_rows(list(tail), holdout)
     digest = hashlib.sha256()
     for batch in head + held:
         for name in sorted(batch):
             digest.update(name.encode())
             digest.update(batch[name].contiguous().numpy().tobytes())
-    return CalibrationData(head, held, labels, digest.hexdigest())
+    return CalibrationData(head, held, held_labels, digest.hexdigest())
 
 
 def _try_batch(model: LoadedModel, batch: Batch, word: ir.Word) -> None:
@@ -317,15 +327,20 @@ def rows_of(batch: Batch, start: int, stop: int) -> Batch:
     return {name: tensor[start:stop] for name, tensor in batch.items()}
 
 
-def _last_rows(tail: list[tuple[Batch, torch.Tensor | None]], count: int):
+def _last_rows(
+    tail: list[tuple[Batch, torch.Tensor | None]], count: int
+) -> tuple[list[Batch], list[torch.Tensor] | None]:
     """The last `count` rows of the tail batches (cutting the first batch), with labels."""
     extra = sum(_rows(batch) for batch, _ in tail) - count
     if extra and tail:
-        batch, labels = tail[0]
-        tail[0] = (rows_of(batch, extra, _rows(batch)), None if labels is None else labels[extra:])
+        batch, first_labels = tail[0]
+        tail[0] = (
+            rows_of(batch, extra, _rows(batch)),
+            None if first_labels is None else first_labels[extra:],
+        )
     held = [batch for batch, _ in tail]
-    labels = [label for _, label in tail]
-    return held, labels if labels and all(label is not None for label in labels) else None
+    labels = [label for _, label in tail if label is not None]
+    return held, labels if labels and len(labels) == len(tail) else None
 
 
 def _array_batches(word: ir.Word) -> Iterable[tuple[Batch, torch.Tensor | None]]:

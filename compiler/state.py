@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from qspec.compiler.capture import Graph, Layer, unmatrix
+from qspec.compiler.capture import Graph, Layer, unmatrix, weight_of
 from qspec.compiler.qmodel import QModel
 from qspec.compiler.resolve import LayerPlan, Plan
 from qspec.compiler.source import CalibrationData
@@ -161,5 +161,6 @@ def substitute(state: State, names: Sequence[str]) -> None:
 
 def assign_weight(module: torch.nn.Module, layer: Layer, weight: np.ndarray) -> None:
     """Overwrite a layer's weight in place with a [rows, cols] matrix."""
+    target = weight_of(module)
     with torch.no_grad():
-        module.weight.copy_(unmatrix(layer, torch.from_numpy(weight)).to(module.weight.dtype))
+        target.copy_(unmatrix(layer, torch.from_numpy(weight)).to(target.dtype))

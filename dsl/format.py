@@ -86,13 +86,14 @@ def render_weight_options(options: ir.WeightOptions) -> str:
         render_granularity(options.granularity),
         render_flag(options.symmetric, "symmetric", "asymmetric"),
         _opt("scale", options.scale),
-        rounding
-        and _words(
+        _words(
             f"round {rounding.method.text}",
             _opt("damp", rounding.damp),
             render_flag(rounding.actorder, "actorder", ""),
-        ),
-        options.search and "search " + " ".join(t.text for t in options.search.targets),
+        )
+        if rounding
+        else None,
+        "search " + " ".join(t.text for t in options.search.targets) if options.search else None,
     )
 
 
@@ -122,8 +123,8 @@ def render_candidate(candidate: ir.Candidate) -> str:
     return _words(
         candidate.format.text,
         render_weight_options(candidate.options),
-        candidate.sparsity and "sparsity " + render_sparsity_pattern(candidate.sparsity),
-        candidate.lowrank and render_lowrank_options(candidate.lowrank),
+        "sparsity " + render_sparsity_pattern(candidate.sparsity) if candidate.sparsity else None,
+        render_lowrank_options(candidate.lowrank) if candidate.lowrank else None,
     )
 
 
@@ -203,7 +204,7 @@ def render_line(statement: ir.Statement) -> str:
         body = _words(
             _opt("device", statement.device),
             _opt("arch", statement.arch),
-            statement.mcpu and "mcpu " + _name_or_string(statement.mcpu.text),
+            "mcpu " + _name_or_string(statement.mcpu.text) if statement.mcpu else None,
             _opt("opset", statement.opset),
             _opt("tune trials", statement.tune_trials),
         )
@@ -228,7 +229,9 @@ def render_line(statement: ir.Statement) -> str:
     raise TypeError(f"not a one-line statement: {type(statement).__name__}")
 
 
-def _block(statement: ir.Statement) -> tuple[str, tuple] | None:
+def _block(
+    statement: ir.Statement | ir.Setting | ir.Limit,
+) -> tuple[str, tuple[ir.Setting, ...] | tuple[ir.Limit, ...]] | None:
     """(header, children) for statements written as a brace block."""
     if isinstance(statement, ir.Defaults):
         return "defaults {", statement.settings
@@ -248,7 +251,9 @@ class _Printer:
         self.lines: list[str] = []
         self.last_line = 0  # source line of what was printed last
 
-    def node(self, node, indent: int, closing_line: int = 0) -> None:
+    def node(
+        self, node: ir.Statement | ir.Setting | ir.Limit, indent: int, closing_line: int = 0
+    ) -> None:
         """Print a node; a comment on `closing_line` belongs to the enclosing block's '}'."""
         span = node.span
         self.comments_before(span.line, indent)

@@ -107,7 +107,8 @@ def normal_float_grid(bits: int) -> tuple[float, ...]:
     values = sorted([0.0, *(v / peak for v in positive), *(v / peak for v in negative)])
 
     def to_float32(value: float) -> float:
-        return struct.unpack("f", struct.pack("f", value))[0]
+        rounded: float = struct.unpack("f", struct.pack("f", value))[0]
+        return rounded
 
     return tuple(to_float32(v) for v in values)
 

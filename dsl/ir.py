@@ -281,6 +281,14 @@ class Tie:
 
 Metric = Literal["weight_bits", "size", "bops", "latency"]
 
+# How a spec writes each metric (`weight bits <= 4.5`), for messages, limits and sweeps.
+METRIC_WORDS: dict[Metric, str] = {
+    "weight_bits": "weight bits",
+    "size": "size",
+    "bops": "bops",
+    "latency": "latency",
+}
+
 UNITS: dict[Metric, dict[str, float]] = {
     "weight_bits": {},
     "size": {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30},

@@ -149,7 +149,7 @@ class _Loader:
 
     def error(
         self, message: str, span: ir.Span, expected: str | None = None, help: str | None = None
-    ):
+    ) -> None:
         self.diagnostics.append(Diagnostic("error", message, span, expected, help))
 
 
@@ -157,7 +157,11 @@ def _merge(
     path: str, statements: list[ir.Statement], files: tuple[str, ...], diagnostics: list[Diagnostic]
 ) -> ir.Spec:
     singles: dict[str, ir.Statement] = {}
-    targets, defaults, layers, ties, limits = [], [], [], [], []
+    targets: list[ir.Target] = []
+    defaults: list[ir.Defaults] = []
+    layers: list[ir.LayerRule] = []
+    ties: list[ir.Tie] = []
+    limits: list[ir.Limit] = []
     for statement in statements:
         name = SINGLETONS.get(type(statement))
         if name is not None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from lark import Lark, Token, Tree, UnexpectedCharacters, UnexpectedInput
 from lark.grammar import Rule
@@ -57,8 +57,11 @@ class _Scan(LexerState):
     __slots__ = ("comments",)
 
     def __init__(
-        self, text: TextSlice, line_ctr: LineCounter | None = None, last_token: Token | None = None
-    ):
+        self,
+        text: TextSlice[str],
+        line_ctr: LineCounter | None = None,
+        last_token: Token | None = None,
+    ) -> None:
         super().__init__(text, line_ctr, last_token)
         self.comments: list[Token] = []
 
@@ -74,12 +77,13 @@ class _Lexer(Lexer):
 
     __future_interface__ = 2
 
-    def __init__(self, conf: Any):
+    def __init__(self, conf: Any) -> None:
         self.keywords = MappingProxyType(
             {t.pattern.value: t.name for t in conf.terminals if isinstance(t.pattern, PatternStr)}
         )
 
-    def lex(self, state: _Scan, parser_state: Any) -> Iterator[Token]:
+    def lex(self, state: LexerState, parser_state: Any) -> Iterator[Token]:
+        scan = cast(_Scan, state)  # the state `_parse` made; Lark hands it through
         text: str = state.text.text
         counter = state.line_ctr
         states = parser_state.parse_conf.parse_table.states
@@ -93,6 +97,7 @@ class _Lexer(Lexer):
                     text, pos, line, pos - line_start + 1, allowed=acceptable, state=parser_state
                 )
             kind, value, end = match.lastgroup, match.group(), match.end()
+            assert kind is not None  # every alternative of _TOKEN is a named group
             column = pos - line_start + 1
             if kind == "WS":
                 newlines = value.count("\n")
@@ -112,12 +117,12 @@ class _Lexer(Lexer):
             counter.column = end - line_start + 1
             pos = end
             if kind == "COMMENT":
-                state.comments.append(token)
+                scan.comments.append(token)
             elif kind != "WS":
                 yield token
 
 
-_Callback = Callable[[list], Any]
+_Callback = Callable[[list[Any]], Any]
 
 
 @dataclass(frozen=True)
@@ -125,7 +130,7 @@ class _Grammar:
     """The compiled grammar, shared by every parse and never changed once built."""
 
     lexer: _Lexer
-    parse_table: ParseTableBase
+    parse_table: ParseTableBase[Any]
     literals: Mapping[str, str]
     """Terminal name -> literal text, for the keywords and punctuation."""
     inlined: dict[Rule, _Callback]
@@ -148,7 +153,8 @@ def _grammar() -> _Grammar:
     lark = Lark(GRAMMAR.read_text(), parser="lalr", lexer=_Lexer, keep_all_tokens=True, cache=True)
     builder = ParseTreeBuilder(lark.rules, Tree, maybe_placeholders=lark.options.maybe_placeholders)
     trees = builder.create_callback()
-    inlined, wrappers = {}, {}
+    inlined: dict[Rule, _Callback] = {}
+    wrappers: dict[Rule, tuple[str, tuple[Callable[[_Callback], _Callback], ...]]] = {}
     for rule, chain in builder.rule_builders:
         name = rule.alias or rule.options.template_source or rule.origin.name
         if _reduces(name):
@@ -166,7 +172,7 @@ def _grammar() -> _Grammar:
     )
 
 
-class _Callbacks(dict):
+class _Callbacks(dict[Rule, _Callback]):
     """Lark's rule -> callback table for one parse: each rule reduces straight into that
     parse's `ToIR`, no parse tree.
 
@@ -175,7 +181,7 @@ class _Callbacks(dict):
     keeps the table truthy (Lark calls no callbacks from an empty one).
     """
 
-    def __init__(self, grammar: _Grammar, to_ir: ToIR):
+    def __init__(self, grammar: _Grammar, to_ir: ToIR) -> None:
         super().__init__(grammar.inlined)
         self.wrappers = grammar.wrappers
         self.reduce = to_ir.reduce
@@ -193,9 +199,10 @@ class _Driver(LALR_Parser):
     """Lark's LALR driver, its `on_error` loop included, running the shared parse table with
     one parse's callbacks (Lark's own driver holds a single table of callbacks)."""
 
-    def __init__(self, parse_table: ParseTableBase, callbacks: _Callbacks):
+    def __init__(self, parse_table: ParseTableBase[Any], callbacks: _Callbacks) -> None:
         # no LALR_Parser.__init__: that one builds the parse table
-        self.parser = _Parser(parse_table, callbacks)
+        # (Lark annotates the callback table as keyed by str; its keys are Rules)
+        self.parser = _Parser(parse_table, callbacks)  # type: ignore[arg-type]
 
 
 @contextmanager
@@ -246,7 +253,8 @@ def _parse(
     scan = _Scan(TextSlice.cast_from(text), counter)
     to_ir = ToIR(path)
     driver = _Driver(grammar.parse_table, _Callbacks(grammar, to_ir))
-    statements, _ = driver.parse(LexerThread(grammar.lexer, scan), "start", on_error)
+    # LALR_Parser.parse is unannotated (untyped_calls_exclude misses it: the receiver is ours)
+    statements, _ = driver.parse(LexerThread(grammar.lexer, scan), "start", on_error)  # type: ignore[no-untyped-call]
     comments = [ir.Comment(str(t), to_ir.token_span(t)) for t in scan.comments]
     return statements, comments, to_ir.diagnostics
 
@@ -261,6 +269,10 @@ def _unquote(token: str) -> str:
 
 _VALUE_TOKENS = frozenset({"NAME", "NUMBER", "STRING", "REGEX"})
 
+_T = TypeVar("_T")
+_Option = tuple[str, _T, ir.Span]
+"""An option item of a statement: (its key, its value, the span of the option)."""
+
 
 class ToIR:
     """The one transformer from Lark's tree to IR, checking every enumerated word on the way.
@@ -270,14 +282,17 @@ class ToIR:
     Lark calls `reduce` as it parses, through the parse's `_Callbacks`.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str) -> None:
         self.path = path
         self.diagnostics: list[Diagnostic] = []
 
-    def reduce(self, rule: str, children: list) -> tuple[Any, ir.Span | None]:
+    def reduce(self, rule: str, children: list[Any]) -> tuple[Any, ir.Span | None]:
         """Build the IR of one rule from its children: tokens, or (value, span) of sub-rules."""
         values: list[Any] = []
-        first = last = None  # tokens and spans both have line, column, end_line, end_column
+        # tokens and spans both have line, column, end_line, end_column
+        first: Token | ir.Span | None = None
+        last: Token | ir.Span | None = None
+        where: Token | ir.Span | None
         for child in children:
             if child.__class__ is Token:
                 where = child
@@ -290,18 +305,20 @@ class ToIR:
                 first = first or where
                 last = where
         span = None
-        if first is not None:
-            span = ir.Span(self.path, first.line, first.column, last.end_line, last.end_column)
+        if first is not None and last is not None:
+            # Lark types a token's position as optional; `_Lexer` sets it on every token
+            span = ir.Span(self.path, first.line, first.column, last.end_line, last.end_column)  # type: ignore[arg-type]
         return getattr(self, rule)(span or ir.NOWHERE, values), span
 
     # -- helpers --
 
     def token_span(self, token: Token) -> ir.Span:
-        return ir.Span(self.path, token.line, token.column, token.end_line, token.end_column)
+        # Lark types a token's position as optional; `_Lexer` sets it on every token
+        return ir.Span(self.path, token.line, token.column, token.end_line, token.end_column)  # type: ignore[arg-type]
 
     def error(
         self, message: str, span: ir.Span, expected: str | None = None, help: str | None = None
-    ):
+    ) -> None:
         self.diagnostics.append(Diagnostic("error", message, span, expected, help))
 
     def word(self, token: Token, vocab: Vocabulary | None = None, what: str = "") -> ir.Word:
@@ -336,7 +353,7 @@ class ToIR:
             return ir.Num(0, span)
         return ir.Num(value, span)
 
-    def options(self, items: list[tuple[str, Any, ir.Span]], allowed: tuple[str, ...]) -> dict:
+    def options(self, items: list[_Option[Any]], allowed: tuple[str, ...]) -> dict[str, Any]:
         """Collect (key, value, span) option items, reporting an option given twice."""
         seen: dict[str, Any] = {}
         first: dict[str, ir.Span] = {}
@@ -359,50 +376,50 @@ class ToIR:
 
     # -- top level --
 
-    def start(self, span, children):
+    def start(self, span: ir.Span, children: list[Any]) -> list[ir.Statement]:
         return list(children)
 
-    def version(self, span, children):
+    def version(self, span: ir.Span, children: list[Any]) -> ir.Version:
         return ir.Version(self.num(children[0]), span)
 
-    def include(self, span, children):
+    def include(self, span: ir.Span, children: list[Any]) -> ir.Include:
         return ir.Include(self.string(children[0]), span)
 
-    def python_entry(self, span, children):
+    def python_entry(self, span: ir.Span, children: list[Any]) -> ir.ModelKind:
         return "python"
 
-    def hf_folder(self, span, children):
+    def hf_folder(self, span: ir.Span, children: list[Any]) -> ir.ModelKind:
         return "hf"
 
-    def exported_program(self, span, children):
+    def exported_program(self, span: ir.Span, children: list[Any]) -> ir.ModelKind:
         return "exported"
 
-    def model(self, span, children):
+    def model(self, span: ir.Span, children: list[Any]) -> ir.ModelSource:
         kind, path = children
         return ir.ModelSource(kind, self.string(path), span)
 
-    def calibration(self, span, children):
+    def calibration(self, span: ir.Span, children: list[Any]) -> ir.Calibration:
         source, *items = children
         opts = self.options(items, ("samples", "holdout", "mode"))
         return ir.Calibration(self.string(source), **opts, span=span)
 
-    def samples(self, span, children):
+    def samples(self, span: ir.Span, children: list[Any]) -> _Option[ir.Num]:
         return ("samples", self.num(children[0]), span)
 
-    def holdout(self, span, children):
+    def holdout(self, span: ir.Span, children: list[Any]) -> _Option[ir.Num]:
         return ("holdout", self.num(children[0]), span)
 
-    def mode(self, span, children):
+    def mode(self, span: ir.Span, children: list[Any]) -> _Option[ir.Word]:
         word = self.word(children[0], vocabulary.CALIBRATION_MODE, "calibration mode")
         return ("mode", word, span)
 
-    def evaluate(self, span, children):
+    def evaluate(self, span: ir.Span, children: list[Any]) -> ir.Evaluate:
         return ir.Evaluate(self.string(children[0]), span)
 
-    def target(self, span, children):
+    def target(self, span: ir.Span, children: list[Any]) -> ir.Target:
         backend, *rest = children
         alias = None
-        items: list = []
+        items: list[_Option[Any]] = []
         for child in rest:
             if isinstance(child, ir.Word):
                 alias = child
@@ -412,61 +429,61 @@ class ToIR:
         backend_word = self.word(backend, vocabulary.BACKEND, "backend")
         return ir.Target(backend_word, alias, **opts, span=span)
 
-    def target_alias(self, span, children):
+    def target_alias(self, span: ir.Span, children: list[Any]) -> ir.Word:
         return self.word(children[0])
 
-    def target_body(self, span, children):
+    def target_body(self, span: ir.Span, children: list[Any]) -> list[_Option[Any]]:
         return list(children)
 
-    def device(self, span, children):
+    def device(self, span: ir.Span, children: list[Any]) -> _Option[ir.Word]:
         return ("device", self.word(children[0], vocabulary.ALL_DEVICES, "device"), span)
 
-    def arch(self, span, children):
+    def arch(self, span: ir.Span, children: list[Any]) -> _Option[ir.Word]:
         return ("arch", self.word(children[0]), span)
 
-    def mcpu(self, span, children):
+    def mcpu(self, span: ir.Span, children: list[Any]) -> _Option[ir.Word]:
         token = children[0]
         word = self.string(token) if token.type == "STRING" else self.word(token)
         return ("mcpu", word, span)
 
-    def opset(self, span, children):
+    def opset(self, span: ir.Span, children: list[Any]) -> _Option[ir.Num]:
         return ("opset", self.num(children[0]), span)
 
-    def tune(self, span, children):
+    def tune(self, span: ir.Span, children: list[Any]) -> _Option[ir.Num]:
         return ("tune_trials", self.num(children[0]), span)
 
-    def defaults(self, span, children):
+    def defaults(self, span: ir.Span, children: list[Any]) -> ir.Defaults:
         return ir.Defaults(tuple(children), span)
 
-    def layer(self, span, children):
+    def layer(self, span: ir.Span, children: list[Any]) -> ir.LayerRule:
         pattern, *settings = children
         return ir.LayerRule(pattern, tuple(settings), span)
 
-    def tie(self, span, children):
+    def tie(self, span: ir.Span, children: list[Any]) -> ir.Tie:
         return ir.Tie(children[0], span)
 
-    def glob(self, span, children):
+    def glob(self, span: ir.Span, children: list[Any]) -> ir.Pattern:
         return ir.Pattern(_unquote(str(children[0])), False, span)
 
-    def regex(self, span, children):
+    def regex(self, span: ir.Span, children: list[Any]) -> ir.Pattern:
         return ir.Pattern(str(children[0])[3:-1], True, span)  # raw: `\"` is `"`
 
     # -- settings --
 
-    def keep(self, span, children):
+    def keep(self, span: ir.Span, children: list[Any]) -> ir.Keep:
         return ir.Keep(span)
 
-    def weight(self, span, children):
+    def weight(self, span: ir.Span, children: list[Any]) -> ir.Weight:
         name, *items = children
         fmt = self.word(name, vocabulary.WEIGHT_FORMAT, "weight format")
         return ir.Weight(fmt, self.weight_options(items), None, span)
 
-    def weight_choose(self, span, children):
+    def weight_choose(self, span: ir.Span, children: list[Any]) -> ir.Weight:
         candidates = tuple(c for c in children if isinstance(c, ir.Candidate))
         items = [c for c in children if not isinstance(c, ir.Candidate)]
         return ir.Weight(None, self.weight_options(items), candidates, span)
 
-    def candidate(self, span, children):
+    def candidate(self, span: ir.Span, children: list[Any]) -> ir.Candidate:
         name, *items = children
         fmt = self.word(name, vocabulary.WEIGHT_FORMAT, "weight format")
         extras = [i for i in items if isinstance(i, ir.Sparsity | ir.LowRank)]
@@ -481,158 +498,159 @@ class ToIR:
             span,
         )
 
-    def keep_candidate(self, span, children):
+    def keep_candidate(self, span: ir.Span, children: list[Any]) -> ir.Candidate:
         return ir.Candidate(None, span=span)
 
-    def weight_options(self, items: list) -> ir.WeightOptions:
+    def weight_options(self, items: list[_Option[Any]]) -> ir.WeightOptions:
         return ir.WeightOptions(**self.options(items, _WEIGHT_KEYS))
 
-    def tensor(self, span, children):
+    def tensor(self, span: ir.Span, children: list[Any]) -> _Option[ir.Granularity]:
         return ("granularity", ir.Granularity("tensor", None, span), span)
 
-    def channel(self, span, children):
+    def channel(self, span: ir.Span, children: list[Any]) -> _Option[ir.Granularity]:
         return ("granularity", ir.Granularity("channel", None, span), span)
 
-    def token(self, span, children):
+    def token(self, span: ir.Span, children: list[Any]) -> _Option[ir.Granularity]:
         return ("granularity", ir.Granularity("token", None, span), span)
 
-    def group(self, span, children):
+    def group(self, span: ir.Span, children: list[Any]) -> _Option[ir.Granularity]:
         size = self.num(children[0])
         return ("granularity", ir.Granularity("group", size, span), span)
 
-    def symmetric(self, span, children):
+    def symmetric(self, span: ir.Span, children: list[Any]) -> _Option[ir.Flag]:
         return ("symmetric", ir.Flag(True, span), span)
 
-    def asymmetric(self, span, children):
+    def asymmetric(self, span: ir.Span, children: list[Any]) -> _Option[ir.Flag]:
         return ("symmetric", ir.Flag(False, span), span)
 
-    def scale(self, span, children):
+    def scale(self, span: ir.Span, children: list[Any]) -> _Option[ir.Word]:
         word = self.word(children[0], vocabulary.SCALE_FORMAT, "scale format")
         return ("scale", word, span)
 
-    def rounding(self, span, children):
+    def rounding(self, span: ir.Span, children: list[Any]) -> _Option[ir.Rounding]:
         method, *items = children
         opts = self.options(items, ("damp", "actorder"))
         word = self.word(method, vocabulary.ROUNDING, "rounding method")
         return ("rounding", ir.Rounding(word, **opts, span=span), span)
 
-    def damp(self, span, children):
+    def damp(self, span: ir.Span, children: list[Any]) -> _Option[ir.Num]:
         return ("damp", self.num(children[0], whole=False), span)
 
-    def actorder(self, span, children):
+    def actorder(self, span: ir.Span, children: list[Any]) -> _Option[ir.Flag]:
         return ("actorder", ir.Flag(True, span), span)
 
-    def search(self, span, children):
+    def search(self, span: ir.Span, children: list[Any]) -> _Option[ir.Search]:
         targets = tuple(self.word(t, vocabulary.SEARCH, "search target") for t in children)
         for i, target in enumerate(targets):
             if target in targets[:i]:
                 self.error(f"search target '{target.text}' given twice", target.span)
         return ("search", ir.Search(targets, span), span)
 
-    def activation(self, span, children):
+    def activation(self, span: ir.Span, children: list[Any]) -> ir.Activation:
         name, *items = children
         fmt = self.word(name, vocabulary.ACTIVATION_FORMAT, "activation format")
         opts = self.options(items, ("granularity", "symmetric", "dynamic"))
         return ir.Activation(fmt, **opts, span=span)
 
-    def activation_none(self, span, children):
+    def activation_none(self, span: ir.Span, children: list[Any]) -> ir.Activation:
         return ir.Activation(None, span=span)
 
-    def static(self, span, children):
+    def static(self, span: ir.Span, children: list[Any]) -> _Option[ir.Flag]:
         return ("dynamic", ir.Flag(False, span), span)
 
-    def dynamic(self, span, children):
+    def dynamic(self, span: ir.Span, children: list[Any]) -> _Option[ir.Flag]:
         return ("dynamic", ir.Flag(True, span), span)
 
-    def sparsity(self, span, children):
+    def sparsity(self, span: ir.Span, children: list[Any]) -> ir.Sparsity:
         pattern, *method = children
         word = (
             self.word(method[0], vocabulary.SPARSITY_METHOD, "sparsity method") if method else None
         )
         return ir.Sparsity(pattern, word, span)
 
-    def sparsity_none(self, span, children):
+    def sparsity_none(self, span: ir.Span, children: list[Any]) -> ir.Sparsity:
         return ir.Sparsity(None, span=span)
 
-    def sparsity_method(self, span, children):
-        return children[0]
+    def sparsity_method(self, span: ir.Span, children: list[Any]) -> Token:
+        method: Token = children[0]
+        return method
 
-    def n_of_m(self, span, children):
+    def n_of_m(self, span: ir.Span, children: list[Any]) -> ir.NofM:
         return ir.NofM(self.num(children[0]), self.num(children[1]), span)
 
-    def percent(self, span, children):
+    def percent(self, span: ir.Span, children: list[Any]) -> ir.Ratio:
         return ir.Ratio(self.num(children[0], whole=False), True, span)
 
-    def ratio(self, span, children):
+    def ratio(self, span: ir.Span, children: list[Any]) -> ir.Ratio:
         return ir.Ratio(self.num(children[0], whole=False), False, span)
 
-    def lowrank(self, span, children):
+    def lowrank(self, span: ir.Span, children: list[Any]) -> ir.LowRank:
         rank, *items = children
         opts = self.options(items, ("method", "finetune_steps", "factors"))
         return ir.LowRank(self.num(rank), **opts, span=span)
 
-    def lowrank_method(self, span, children):
+    def lowrank_method(self, span: ir.Span, children: list[Any]) -> _Option[ir.Word]:
         word = self.word(children[0], vocabulary.LOWRANK_METHOD, "low-rank method")
         return ("method", word, span)
 
-    def finetune(self, span, children):
+    def finetune(self, span: ir.Span, children: list[Any]) -> _Option[ir.Num]:
         return ("finetune_steps", self.num(children[0]), span)
 
-    def factors(self, span, children):
+    def factors(self, span: ir.Span, children: list[Any]) -> _Option[ir.Word]:
         word = self.word(children[0], vocabulary.FACTOR_FORMAT, "factor format")
         return ("factors", word, span)
 
-    def bias_correction(self, span, children):
+    def bias_correction(self, span: ir.Span, children: list[Any]) -> ir.BiasCorrection:
         return ir.BiasCorrection(span)
 
-    def compensate_none(self, span, children):
+    def compensate_none(self, span: ir.Span, children: list[Any]) -> ir.CompensateNone:
         return ir.CompensateNone(span)
 
     # -- budgets and allocation --
 
-    def budget(self, span, children):
+    def budget(self, span: ir.Span, children: list[Any]) -> ir.Budget:
         return ir.Budget(tuple(children), span)
 
-    def _limit(self, metric: ir.Metric, span, children) -> ir.Limit:
+    def _limit(self, metric: ir.Metric, span: ir.Span, children: list[Any]) -> ir.Limit:
         value, *rest = children
         unit = next((self.word(c) for c in rest if isinstance(c, Token)), None)
         target = next((c for c in rest if isinstance(c, ir.Word)), None)
         return ir.Limit(metric, self.num(value, whole=False), unit, target, span)
 
-    def weight_bits(self, span, children):
+    def weight_bits(self, span: ir.Span, children: list[Any]) -> ir.Limit:
         return self._limit("weight_bits", span, children)
 
-    def size(self, span, children):
+    def size(self, span: ir.Span, children: list[Any]) -> ir.Limit:
         return self._limit("size", span, children)
 
-    def bops(self, span, children):
+    def bops(self, span: ir.Span, children: list[Any]) -> ir.Limit:
         return self._limit("bops", span, children)
 
-    def latency(self, span, children):
+    def latency(self, span: ir.Span, children: list[Any]) -> ir.Limit:
         return self._limit("latency", span, children)
 
-    def limit_target(self, span, children):
+    def limit_target(self, span: ir.Span, children: list[Any]) -> ir.Word:
         return self.word(children[0])
 
-    def allocate(self, span, children):
+    def allocate(self, span: ir.Span, children: list[Any]) -> ir.Allocate:
         strategy, *items = children
         word = self.word(strategy, vocabulary.ALLOCATOR, "allocation strategy")
         opts = self.options(items, ("generations", "offspring", "seed", "fitness", "sensitivity"))
         return ir.Allocate(word, **opts, span=span)
 
-    def generations(self, span, children):
+    def generations(self, span: ir.Span, children: list[Any]) -> _Option[ir.Num]:
         return ("generations", self.num(children[0]), span)
 
-    def offspring(self, span, children):
+    def offspring(self, span: ir.Span, children: list[Any]) -> _Option[ir.Num]:
         return ("offspring", self.num(children[0]), span)
 
-    def seed(self, span, children):
+    def seed(self, span: ir.Span, children: list[Any]) -> _Option[ir.Num]:
         return ("seed", self.num(children[0]), span)
 
-    def fitness(self, span, children):
+    def fitness(self, span: ir.Span, children: list[Any]) -> _Option[ir.Word]:
         return ("fitness", self.word(children[0], vocabulary.FITNESS, "fitness"), span)
 
-    def sensitivity(self, span, children):
+    def sensitivity(self, span: ir.Span, children: list[Any]) -> _Option[ir.Word]:
         word = self.word(children[0], vocabulary.SENSITIVITY, "sensitivity measure")
         return ("sensitivity", word, span)
 

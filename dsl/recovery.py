@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from typing import cast
 
 from lark import Token, UnexpectedCharacters, UnexpectedInput
 from lark.exceptions import UnexpectedEOF
@@ -136,7 +137,10 @@ def _syntax_diagnostic(
     line, column = error.line, error.column
     previous = _previous_word(text, error.pos_in_stream if error.pos_in_stream else len(text))
     if isinstance(error, UnexpectedCharacters):
-        char = text[error.pos_in_stream]
+        # lark declares pos_in_stream as None on the base class; UnexpectedCharacters always sets
+        # it to the lexer's offset.
+        pos = cast(int, error.pos_in_stream)
+        char = text[pos]
         expected = _expected(error.allowed or set(), previous, literals)
         span = ir.Span(path, line, column, line, column + 1)
         if char == '"':
@@ -146,10 +150,10 @@ def _syntax_diagnostic(
                 span,
                 help="close the string with '\"' on the same line",
             )
-        if char == "-" and text[error.pos_in_stream + 1 : error.pos_in_stream + 2].isdigit():
+        if char == "-" and text[pos + 1 : pos + 2].isdigit():
             return Diagnostic("error", "numbers here cannot be negative", span, expected)
         if char == "-":
-            name = _word_around(text, error.pos_in_stream)
+            name = _word_around(text, pos)
             return Diagnostic(
                 "error",
                 "unexpected character '-'",

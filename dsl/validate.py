@@ -366,7 +366,7 @@ class Checker:
             key = (limit.metric, target if limit.metric == "latency" else None)
             if key in seen:
                 self.error(
-                    f"{_METRIC_NAMES[limit.metric]} budget given twice",
+                    f"{ir.METRIC_WORDS[limit.metric]} budget given twice",
                     limit.span,
                     notes=[Note("first given here", seen[key].span)],
                 )
@@ -374,7 +374,7 @@ class Checker:
 
     def limit(self, limit: ir.Limit, targets: list[str]) -> None:
         units = ir.UNITS[limit.metric]
-        name = _METRIC_NAMES[limit.metric]
+        name = ir.METRIC_WORDS[limit.metric]
         if limit.value.value <= 0:
             self.error(f"a {name} budget must be positive", limit.value.span)
         if limit.metric == "weight_bits":
@@ -384,7 +384,7 @@ class Checker:
             self.error(f"a {name} budget needs a unit", limit.value.span, ", ".join(units))
         elif limit.unit and limit.unit.text not in units:
             other = next((m for m, u in ir.UNITS.items() if limit.unit.text in u), None)
-            why = f" ('{limit.unit.text}' measures {_METRIC_NAMES[other]})" if other else ""
+            why = f" ('{limit.unit.text}' measures {ir.METRIC_WORDS[other]})" if other else ""
             self.error(
                 f"'{limit.unit.text}' is not a {name} unit{why}",
                 limit.unit.span,
@@ -465,8 +465,6 @@ WEIGHT_FIELDS = ("format", *ir.WeightOptions.__dataclass_fields__)
 ALL_FIELDS = frozenset(
     {f"weight.{k}" for k in WEIGHT_FIELDS} | {"activation", "sparsity", "lora", "bias correction"}
 )
-
-_METRIC_NAMES = {"weight_bits": "weight bits", "size": "size", "bops": "BOPs", "latency": "latency"}
 
 
 def _fields(settings: tuple[ir.Setting, ...]) -> set[str]:

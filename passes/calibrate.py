@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from typing import cast
 
 import torch
+from torch import nn
 from torch.nn import functional as F
 
 from qspec.compiler.capture import Layer
@@ -28,18 +30,21 @@ def input_rows(layer: Layer, module: torch.nn.Module, inputs: torch.Tensor) -> t
         return inputs.reshape(-1, inputs.shape[-1])
     if layer.kind == "embedding" or layer.groups != 1:
         return None
+    assert isinstance(module, nn.Conv1d | nn.Conv2d)
     if layer.kind == "conv1d":
         inputs = inputs.unsqueeze(-2)
-    kernel = module.kernel_size if layer.kind == "conv2d" else (1, module.kernel_size[0])
-    options = {
-        key: (value if layer.kind == "conv2d" else (1, value[0]))
-        for key, value in (
-            ("stride", module.stride),
-            ("padding", module.padding),
-            ("dilation", module.dilation),
-        )
-    }
-    patches = F.unfold(inputs, kernel, **options)  # [N, I*kh*kw, L], channel outermost
+
+    def planar(value: tuple[int, ...]) -> tuple[int, ...]:
+        return value if layer.kind == "conv2d" else (1, value[0])
+
+    padding = cast(tuple[int, ...], module.padding)  # unfold takes numbers, not "same"
+    patches = F.unfold(  # [N, I*kh*kw, L], channel outermost
+        inputs,
+        planar(module.kernel_size),
+        dilation=planar(module.dilation),
+        padding=planar(padding),
+        stride=planar(module.stride),
+    )
     channels = inputs.shape[1]
     patches = patches.reshape(patches.shape[0], channels, -1, patches.shape[-1])
     return patches.permute(0, 3, 2, 1).reshape(-1, patches.shape[2] * channels)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qspec.compiler.capture import matrix
+from qspec.compiler.capture import float_matrix
 from qspec.compiler.state import State
 from qspec.passes.lowrank import bias_correction, finetune, store_factors
 from qspec.passes.methods import CORRECTION
@@ -25,7 +25,7 @@ def run(state: State) -> State:
         compressed = state.qmodel.get(name)
         if compressed is None or not state.in_scope(name):
             continue
-        target = matrix(plan.layer, modules[name].weight.detach().float()).numpy()
+        target = float_matrix(plan.layer, modules[name])
         lowrank = plan.lowrank
         if lowrank is not None:
             current = compressed.effective_weight()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from qspec.compiler.capture import matrix
+from qspec.compiler.capture import float_matrix
 from qspec.compiler.errors import UserError
 from qspec.compiler.numerics import Quantized
 from qspec.compiler.qmodel import CompressedLayer
@@ -36,7 +36,7 @@ def run(state: State) -> State:
                 help="add an allocate statement and budgets",
             )
         module = modules[name]
-        original = matrix(plan.layer, module.weight.detach().float()).numpy()
+        original = float_matrix(plan.layer, module)
         weight = state.weights.get(name, original)
         stats = state.stats.get(name)
         hessian = state.hessian(name)

@@ -52,8 +52,8 @@ def search_clip(weight: np.ndarray, spec: QuantSpec, hessian: np.ndarray | None)
     for ratio in CLIP_RATIOS:
         delta = np.zeros((rows, width))
         delta[:, :cols] = weight - quantize(weight, spec, float(ratio)).dequantize()
-        delta = delta.reshape(rows, blocks, block)
-        errors.append(np.einsum("rbi,bij,rbj->rb", delta, diagonal, delta))
+        per_block = delta.reshape(rows, blocks, block)
+        errors.append(np.einsum("rbi,bij,rbj->rb", per_block, diagonal, per_block))
     choice = np.asarray(CLIP_RATIOS)[np.argmin(np.stack(errors), axis=0)]
     if spec.granularity == "tensor":
         total = np.stack(errors).sum(axis=(1, 2))

@@ -8,7 +8,7 @@ GPTQ) is left to the quantize pass.
 
 from __future__ import annotations
 
-from qspec.compiler.capture import matrix
+from qspec.compiler.capture import float_matrix
 from qspec.compiler.state import State
 from qspec.passes.methods import PRUNING, joint_pattern
 
@@ -19,7 +19,7 @@ def run(state: State) -> State:
         sparsity = plan.sparsity
         if sparsity is None or not state.in_scope(name) or joint_pattern(plan) is not None:
             continue
-        weight = matrix(plan.layer, modules[name].weight.detach().float()).numpy()
+        weight = float_matrix(plan.layer, modules[name])
         prune = PRUNING[sparsity.method].apply
         state.weights[name], state.masks[name] = prune(weight, state.stats.get(name), sparsity)
     return state

@@ -346,7 +346,7 @@ def run_artifact(args: argparse.Namespace) -> int:
         raise UserError(f"cannot read {args.input}: {error}") from None
     outputs = runner(inputs)
     staging = Path(args.output).with_name(f".{Path(args.output).name}.tmp.npz")
-    np.savez(staging, **outputs)
+    np.savez(staging, allow_pickle=False, **outputs)
     os.replace(staging, args.output)
     print(", ".join(f"{name} {list(array.shape)}" for name, array in outputs.items()))
     return OK

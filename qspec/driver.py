@@ -231,13 +231,13 @@ def compile_prepared(
         for name, floor in fail_under.items()
         if fidelity is None or (fidelity.metric(name) or 0.0) < floor
     ]
-    over = [
+    missed = [
         f"{b['limit']} (measured {b['measured']})"
         for b in budgets
         if not b["met"] and b["metric"] in EXACT
     ]
     failed = ["fidelity below --fail-under: " + ", ".join(below)] * bool(below)
-    failed += ["budget not met: " + ", ".join(over)] * bool(over)
+    failed += ["budget not met: " + ", ".join(missed)] * bool(missed)
     if failed:
         raise CompileFailure("; ".join(failed))
     return result

@@ -22,9 +22,9 @@ from qspec.driver import compile_prepared, prepare
 from qspec.dsl import ir
 from qspec.dsl.diagnostics import SpecError
 from qspec.dsl.load import check_file
-from qspec.passes.allocate.budgets import NAMES, limit_text
+from qspec.passes.allocate.budgets import limit_text
 
-METRICS = {text: metric for metric, text in NAMES.items()}
+METRICS: dict[str, ir.Metric] = {text: metric for metric, text in ir.METRIC_WORDS.items()}
 RANGE = re.compile(
     r"^\s*(?P<metric>[a-z ]+?)\s*=\s*(?:(?P<low>[0-9.eE+-]+)\s*\.\.\s*(?P<high>[0-9.eE+-]+)"
     r"\s+step\s+(?P<step>[0-9.eE+-]+)|(?P<values>[0-9.eE+-]+(?:\s*,\s*[0-9.eE+-]+)*))"
@@ -54,9 +54,13 @@ def parse_budget(text: str) -> Points:
     unit = match["unit"]
     units = ir.UNITS[metric]
     if unit is not None and unit not in units:
-        raise UserError(f"--budget: '{unit}' is not a {NAMES[metric]} unit ({', '.join(units)})")
+        raise UserError(
+            f"--budget: '{unit}' is not a {ir.METRIC_WORDS[metric]} unit ({', '.join(units)})"
+        )
     if unit is None and metric in ("size", "latency"):
-        raise UserError(f"--budget: a {NAMES[metric]} sweep needs a unit ({', '.join(units)})")
+        raise UserError(
+            f"--budget: a {ir.METRIC_WORDS[metric]} sweep needs a unit ({', '.join(units)})"
+        )
     try:
         if match["values"]:
             values = tuple(float(v) for v in match["values"].split(","))
@@ -107,24 +111,22 @@ def _point(prepared, limit: ir.Limit, limits, folder: Path, log) -> dict:
         return {**row, "status": error.diagnostic.message}
     except CompileFailure as failure:
         return {**row, "status": str(failure)}
-    fidelity, totals = result.fidelity, result.manifest["totals"]
+    totals = result.manifest["totals"]
+    scores = ("cosine_mean", "cosine_min", "snr_db", "top1_agreement")  # None: no target ran here
     measured = {b["limit"]: b["measured"] for b in result.manifest.get("budgets", [])}
     return {
         **row,
         "status": "ok",
         "measured": measured.get(limit_text(limit)),
         "artifact_bytes": totals["artifact_bytes"],
-        "cosine_mean": fidelity.cosine_mean,
-        "cosine_min": fidelity.cosine_min,
-        "snr_db": fidelity.snr_db,
-        "top1_agreement": fidelity.top1_agreement,
+        **{score: getattr(result.fidelity, score, None) for score in scores},
         "latency_ms": next(iter(result.latency_ms.values())),
     }
 
 
 def _folder_name(limit: ir.Limit) -> str:
     unit = limit.unit.text if limit.unit else ""
-    return f"{NAMES[limit.metric].replace(' ', '-')}-{limit.value.value:g}{unit}"
+    return f"{ir.METRIC_WORDS[limit.metric].replace(' ', '-')}-{limit.value.value:g}{unit}"
 
 
 def _write(out: Path, rows: list[dict], points: Points) -> None:
@@ -173,7 +175,7 @@ def _plot(path: Path, rows: list[dict], points: Points) -> None:
     axes.set_xlabel("artifact MB")
     axes.set_ylabel("held-out cosine to the float model")
     unit = f" ({points.unit})" if points.unit else ""
-    axes.set_title(f"{NAMES[points.metric]} sweep{unit}")
+    axes.set_title(f"{ir.METRIC_WORDS[points.metric]} sweep{unit}")
     axes.grid(alpha=0.3)
     figure.tight_layout()
     staging = path.with_name(f".{path.name}.tmp.png")

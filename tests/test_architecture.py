@@ -83,6 +83,15 @@ def test_imports_run_downstream_only():
     assert violations() == []
 
 
+def test_pipeline_passes_do_not_import_each_other():
+    """Each pass reads the State, not another pass: they compose in any order the driver picks."""
+    passes = ("calibrate", "sparsify", "quantize", "compensate")
+    for name in passes:
+        targets = {target for _, target in imported(ROOT / "passes" / f"{name}.py", ROOT)}
+        others = {f"qspec.passes.{other}" for other in passes if other != name}
+        assert not targets & others, name
+
+
 @pytest.mark.parametrize(
     ("source", "expected"),
     [

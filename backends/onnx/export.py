@@ -109,7 +109,11 @@ def _optimize(model: onnx_ir.Model, prefixes: tuple[str, ...]) -> None:
 
     def should_fold(node: onnx_ir.Node) -> bool | None:
         for value in node.inputs:
-            if value is not None and value.is_initializer() and value.name.startswith(prefixes):
+            if (
+                value is not None
+                and value.is_initializer()
+                and (value.name or "").startswith(prefixes)
+            ):
                 return False
         return None
 

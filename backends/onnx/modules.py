@@ -126,6 +126,8 @@ class LowRankBranch(nn.Module):
 
 
 class _Factor(nn.Module):
+    values: torch.Tensor  # fp16 factors
+
     def __init__(self, factor: np.ndarray, storage: str):
         super().__init__()
         self.storage = storage
@@ -437,6 +439,8 @@ class BlockQuantizedEmbedding(nn.Module):
 
 class DecodedLayer(nn.Module):
     """Any weight format: packed codes decoded in the graph, then the layer's own float op."""
+
+    bias: torch.Tensor | None
 
     def __init__(self, compressed: CompressedLayer, original: nn.Module):
         super().__init__()

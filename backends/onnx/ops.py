@@ -7,6 +7,9 @@ tests) and exported with `torch.onnx.export(dynamo=True, custom_translation_tabl
 No `from __future__ import annotations` here: torch.library reads the annotations.
 """
 
+from collections.abc import Callable
+from typing import Any
+
 import onnx
 import torch
 from onnxscript import opset21 as op
@@ -347,7 +350,7 @@ def gather_block_quantized_onnx(data, indices, scales, zero_points, block: int):
     )
 
 
-TABLE = {
+TABLE: dict[Callable[..., Any], Callable[..., Any]] = {
     torch.ops.qspec.matmul_nbits.default: matmul_nbits_onnx,
     torch.ops.qspec.decode_weight.default: decode_weight_onnx,
     torch.ops.qspec.dequantize.default: dequantize_onnx,

@@ -74,8 +74,11 @@ def _describe(packed: Packed, kind: str) -> str:
 
 
 def _frozen(array: np.ndarray | None) -> nn.Parameter | None:
-    if array is None:
-        return None
+    return None if array is None else _parameter(array)
+
+
+def _parameter(array: np.ndarray) -> nn.Parameter:
+    """A stored tensor: a parameter (the Relax importer lifts those into params.bin)."""
     return nn.Parameter(torch.from_numpy(np.ascontiguousarray(array)), requires_grad=False)
 
 
@@ -119,6 +122,7 @@ class PackedConv(_Stored):
 def conv_options(conv: nn.Module) -> list[int] | None:
     """[stride..., padding..., dilation..., kernel...] of a groups-1, zero-padded convolution
     (None for any other)."""
+    assert isinstance(conv, nn.Conv1d | nn.Conv2d)
     padding = conv.padding
     if conv.groups != 1 or conv.padding_mode != "zeros" or isinstance(padding, str):
         return None
@@ -126,24 +130,28 @@ def conv_options(conv: nn.Module) -> list[int] | None:
 
 
 class LowRankBranch(nn.Module):
-    """y = main(x) + (x Aᵀ) Bᵀ beside the compressed layer."""
+    """y = main(x) + (x Aᵀ) Bᵀ beside the compressed layer: fp16 factors as parameters cast in
+    the graph, int8 ones as packed linears."""
+
+    down: nn.Parameter | PackedLinear
+    up: nn.Parameter | PackedLinear
 
     def __init__(self, main: nn.Module, compressed: CompressedLayer):
         super().__init__()
         assert compressed.lowrank is not None and compressed.plan.lowrank is not None
         self.main = main
         up, down = compressed.lowrank  # B [rows, r], A [r, cols]
-        self.rank, self.storage = down.shape[0], compressed.plan.lowrank.factors
-        if self.storage == "fp16":
-            self.down = _frozen(down.astype(np.float16))
-            self.up = _frozen(up.astype(np.float16))
+        if compressed.plan.lowrank.factors == "fp16":
+            self.down = _parameter(down.astype(np.float16))
+            self.up = _parameter(up.astype(np.float16))
         else:
             self.down = PackedLinear(_int8_factor(down), None)
             self.up = PackedLinear(_int8_factor(up), None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.storage == "fp16":
+        if isinstance(self.down, nn.Parameter) and isinstance(self.up, nn.Parameter):
             return self.main(x) + F.linear(F.linear(x, self.down.float()), self.up.float())
+        assert isinstance(self.down, PackedLinear) and isinstance(self.up, PackedLinear)
         return self.main(x) + self.up(self.down(x))
 
 

@@ -35,7 +35,7 @@ def tune(module: tvm.IRModule, target: tvm.target.Target, trials: int) -> dict[i
     every core, as the runtime runs (TVM reads the thread count at its first parallel kernel)."""
     os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
     path = cache_dir() / "tvm-tuning.json"
-    known = read_entries(path)
+    known = {k: v for k, v in read_entries(path).items() if isinstance(v, int)}
     tiles, left = {}, trials
     for _, function in sorted(module.functions.items(), key=lambda item: item[0].name_hint):
         if not isinstance(function, tirx.PrimFunc):

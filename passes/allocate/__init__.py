@@ -1,6 +1,6 @@
 """allocate: decide every `weight choose [...]` under the spec's budgets.
 
-`sensitivity` measures each candidate; the exact ILP of `allocate.py` picks the combination with
+`sensitivity` measures each candidate; the exact ILP of `ilp.py` picks the combination with
 the least total error that meets every budget at once, tied layers choosing together; `allocate
 evolution` then searches from that choice on an end-to-end fitness (`evolution.py`). The result
 is an ordinary Plan, so the passes run on it as on any spec.
@@ -29,7 +29,7 @@ from qspec.compiler.state import State
 from qspec.dsl import ir
 from qspec.dsl.diagnostics import Note
 from qspec.dsl.patterns import tie_key
-from qspec.passes.allocate.budgets import NAMES, bops, in_unit, limit_text, show
+from qspec.passes.allocate.budgets import bops, in_unit, limit_text, show
 from qspec.passes.allocate.evolution import Problem, evolve
 from qspec.passes.allocate.ilp import Candidate, Infeasible, allocate, smallest_totals
 from qspec.passes.allocate.sensitivity import (
@@ -67,7 +67,7 @@ def allocate_plan(
     names = choosing(plan)
     strategy = spec.allocate.strategy.text if spec.allocate else "ilp"
     how = spec.allocate.sensitivity.text if spec.allocate and spec.allocate.sensitivity else None
-    metrics = {limit.metric for limit in limits}
+    metrics: set[str] = {limit.metric for limit in limits}
     timed = sensitivity is not None and all(
         "latency" in option.costs for options in sensitivity.options.values() for option in options
     )
@@ -82,7 +82,7 @@ def allocate_plan(
         sensitivity.fixed.update(_fixed_costs(state, names, missing, costs, latency_batch))
     fixed = sensitivity.fixed
     params = sum(plan.layers[n].layer.params_in_weight for n in names)
-    budgets = {limit.metric: _bound(limit, fixed, params) for limit in limits}
+    budgets: dict[str, float] = {limit.metric: _bound(limit, fixed, params) for limit in limits}
     layers = [[Candidate(o.error, o.costs) for o in sensitivity.options[name]] for name in names]
     index = {name: i for i, name in enumerate(names)}
     ties = [[index[n] for n in unit] for unit in units if len(unit) > 1]
@@ -107,9 +107,9 @@ def allocate_plan(
     decided = dict(plan.layers)
     for name, choice in zip(names, chosen, strict=True):
         decided[name] = sensitivity.options[name][choice].plan
-    costs = [layers[i][c].costs for i, c in enumerate(chosen)]
-    totals = {m: fixed[m] + sum(c[m] for c in costs) for m in metrics if m != "weight_bits"}
-    totals["weight_bits"] = sum(c["weight_bits"] for c in costs) / params
+    spent = [layers[i][c].costs for i, c in enumerate(chosen)]
+    totals = {m: fixed[m] + sum(c[m] for c in spent) for m in metrics if m != "weight_bits"}
+    totals["weight_bits"] = sum(c["weight_bits"] for c in spent) / params
     record["budgets"] = [
         {"limit": limit_text(limit), "predicted": in_unit(limit, totals[limit.metric])}
         for limit in limits
@@ -240,7 +240,7 @@ def _infeasible(
         totals["weight_bits"] /= params
     if error.violated is None:
         reachable = ", ".join(
-            f"{NAMES[lim.metric]} {show(lim, totals[lim.metric])}" for lim in limits
+            f"{ir.METRIC_WORDS[lim.metric]} {show(lim, totals[lim.metric])}" for lim in limits
         )
         return InfeasibleBudget(
             "the budgets cannot all be met at once",

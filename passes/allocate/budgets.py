@@ -6,7 +6,8 @@
 - `size`: the artifact's bytes, measured on the file.
 - `bops`: Σ over compressible layers of MACs x density x weight bits x activation bits (32 for
   float), plus the low-rank branch's MACs at its factors' width.
-- `latency`: the artifact's median time on the largest held-out batch, in ONNX Runtime.
+- `latency`: the artifact's median time on the largest held-out batch, on the target the limit
+  names (else the first).
 
 Size, weight bits and BOPs are exact (`EXACT`), so a build over them fails; latency is measured
 and varies from run to run, so a build over it is reported, not failed.
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 FLOAT_BITS = 32
 EXACT = ("weight_bits", "size", "bops")
 SIZE_ATTEMPTS = 3  # allocations tried when the emitted file overshoots the predicted size
-NAMES = {"weight_bits": "weight bits", "size": "size", "bops": "bops", "latency": "latency"}
 BASE_UNIT = {"weight_bits": "", "size": "B", "bops": "", "latency": "s"}
 
 
@@ -69,7 +69,7 @@ def _activation_bits(plan: LayerPlan) -> int:
 
 def limit_text(limit: ir.Limit) -> str:
     unit = f" {limit.unit.text}" if limit.unit else ""
-    return f"{NAMES[limit.metric]} <= {limit.value.value:g}{unit}"
+    return f"{ir.METRIC_WORDS[limit.metric]} <= {limit.value.value:g}{unit}"
 
 
 def in_unit(limit: ir.Limit, total: float) -> float:
@@ -122,7 +122,7 @@ def check_budgets(
     entries = []
     first = next(iter(latency_seconds))
     for limit in limits:
-        entry = {"limit": limit_text(limit), "metric": limit.metric}
+        entry: dict[str, object] = {"limit": limit_text(limit), "metric": limit.metric}
         if entry["limit"] in predicted:
             entry["predicted"] = predicted[entry["limit"]]
         if limit.metric == "latency":

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from qspec.compiler.capture import Graph, matrix, primary_tensor
+from qspec.compiler.capture import Graph, float_matrix, primary_tensor, weight_of
 from qspec.compiler.costs import CostModel
 from qspec.compiler.numerics import quantize
 from qspec.compiler.qmodel import CompressedLayer, float_param_bytes
@@ -81,7 +81,7 @@ def measure(
         log(f"sensitivity: {name} ({index + 1}/{len(choosing)})")
         layer_plan = state.plan.layers[name]
         module = float_module.get_submodule(name)
-        original = matrix(layer_plan.layer, module.weight.detach().float()).numpy()
+        original = float_matrix(layer_plan.layer, module)
         hessian = state.stats[name].hessian
         options[name] = []
         for candidate in layer_plan.candidates or ():
@@ -174,7 +174,7 @@ def stand_in(plan: LayerPlan, module: torch.nn.Module) -> CompressedLayer | None
     if not plan.compressed:
         return None
     layer = plan.layer
-    weight = matrix(layer, module.weight.detach().float()).numpy()
+    weight = float_matrix(layer, module)
     bias = getattr(module, "bias", None)
     compressed = CompressedLayer(
         layer=layer,
@@ -237,7 +237,7 @@ def _gauss_newton_traces(state: State, names: Sequence[str]) -> dict[str, float]
     traces = {}
     for name in names:
         key = f"{name}.weight"
-        weight = module.get_submodule(name).weight.detach()
+        weight = weight_of(module.get_submodule(name)).detach()
 
         def output(w: torch.Tensor, key: str = key) -> torch.Tensor:
             out = torch.func.functional_call(module, {key: w}, args=(), kwargs=batch)
@@ -246,7 +246,7 @@ def _gauss_newton_traces(state: State, names: Sequence[str]) -> dict[str, float]
         total = 0.0
         for _ in range(HUTCHINSON_PROBES):
             probe = torch.randint(0, 2, weight.shape, generator=generator).to(weight.dtype)
-            _, tangent = torch.func.jvp(output, (weight,), (2 * probe - 1,))
+            tangent = torch.func.jvp(output, (weight,), (2 * probe - 1,))[1]
             total += float(tangent.detach().double().square().sum())
         traces[name] = total / HUTCHINSON_PROBES / weight.numel()
     return traces

@@ -13,7 +13,7 @@ import copy
 import numpy as np
 import torch
 
-from qspec.compiler.capture import matrix, primary_tensor
+from qspec.compiler.capture import float_matrix, primary_tensor
 from qspec.compiler.source import call_entry, rows_of
 from qspec.compiler.state import State, assign_weight
 
@@ -32,9 +32,8 @@ class Stitched:
 
     def reset(self, name: str) -> None:
         """Back to the float weight."""
-        layer = self.graph.layers[name]
-        original = self.graph.module.get_submodule(name).weight.detach().float()
-        self.put(name, matrix(layer, original).numpy())
+        original = self.graph.module.get_submodule(name)
+        self.put(name, float_matrix(self.graph.layers[name], original))
 
     def score(self) -> float:
         """The spec's evaluate entry on the stitched model."""
