@@ -45,19 +45,14 @@ class Rounded:
     warnings: tuple[str, ...] = ()
 
 
+Clip = float | np.ndarray  # one ratio, or one per block
+Pattern = tuple[int, int] | float | None  # N:M, a ratio, or no joint pruning
+Mask = np.ndarray | None  # bool [rows, cols], True = kept
+
 # weight [rows, cols], quantizer, H (None: no shared input), clip ratios, the plan, a mask kept
 # fixed, and a pattern to prune jointly.
 RoundFn = Callable[
-    [
-        np.ndarray,
-        QuantSpec,
-        np.ndarray | None,
-        float | np.ndarray,
-        WeightPlan,
-        np.ndarray | None,
-        tuple[int, int] | float | None,
-    ],
-    Rounded,
+    [np.ndarray, QuantSpec, np.ndarray | None, Clip, WeightPlan, Mask, Pattern], Rounded
 ]
 # weight, the layer's statistics, the pattern -> (weight, mask): the weight may be updated.
 PruneFn = Callable[[np.ndarray, LayerStats | None, SparsityPlan], tuple[np.ndarray, np.ndarray]]
@@ -74,11 +69,27 @@ class Method(Generic[F]):
     apply: F
 
 
-def _nearest(weight, quantizer, _hessian, clip, _plan, _keep, _pattern) -> Rounded:
+def _nearest(
+    weight: np.ndarray,
+    quantizer: QuantSpec,
+    _hessian: np.ndarray | None,
+    clip: Clip,
+    _plan: WeightPlan,
+    _keep: Mask,
+    _pattern: Pattern,
+) -> Rounded:
     return Rounded(quantize(weight, quantizer, clip))
 
 
-def _gptq(weight, quantizer, hessian, clip, plan: WeightPlan, keep, pattern) -> Rounded:
+def _gptq(
+    weight: np.ndarray,
+    quantizer: QuantSpec,
+    hessian: np.ndarray | None,
+    clip: Clip,
+    plan: WeightPlan,
+    keep: Mask,
+    pattern: Pattern,
+) -> Rounded:
     if hessian is None:
         warning = "GPTQ needs one input shared by all rows: rounded to nearest instead"
         return Rounded(quantize(weight, quantizer, clip), warnings=(warning,))
@@ -114,28 +125,38 @@ def keep_mask(score: np.ndarray, sparsity: SparsityPlan) -> np.ndarray:
     return keep
 
 
-def _magnitude(weight, _stats, sparsity) -> tuple[np.ndarray, np.ndarray]:
+def _magnitude(
+    weight: np.ndarray, _stats: LayerStats | None, sparsity: SparsityPlan
+) -> tuple[np.ndarray, np.ndarray]:
     mask = keep_mask(np.abs(weight), sparsity)
     return weight * mask, mask
 
 
-def _wanda(weight, stats: LayerStats | None, sparsity) -> tuple[np.ndarray, np.ndarray]:
+def _wanda(
+    weight: np.ndarray, stats: LayerStats | None, sparsity: SparsityPlan
+) -> tuple[np.ndarray, np.ndarray]:
     """Wanda (Sun et al. 2023): |W| times the norm of the input column it multiplies."""
     assert stats is not None
     mask = keep_mask(np.abs(weight) * stats.input_norms[None, :], sparsity)
     return weight * mask, mask
 
 
-def _sparsegpt(weight, stats: LayerStats | None, sparsity) -> tuple[np.ndarray, np.ndarray]:
+def _sparsegpt(
+    weight: np.ndarray, stats: LayerStats | None, sparsity: SparsityPlan
+) -> tuple[np.ndarray, np.ndarray]:
     assert stats is not None
     return sparsegpt(weight, stats.hessian, sparsity.pattern)
 
 
-def _svd(error, _hessian, rank) -> tuple[np.ndarray, np.ndarray]:
+def _svd(
+    error: np.ndarray, _hessian: np.ndarray | None, rank: int
+) -> tuple[np.ndarray, np.ndarray]:
     return lowrank.svd_correction(error, rank)
 
 
-def _eora(error, hessian, rank) -> tuple[np.ndarray, np.ndarray]:
+def _eora(
+    error: np.ndarray, hessian: np.ndarray | None, rank: int
+) -> tuple[np.ndarray, np.ndarray]:
     assert hessian is not None
     return lowrank.eora_correction(error, hessian, rank)
 
