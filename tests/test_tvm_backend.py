@@ -139,6 +139,18 @@ def test_packed_convolution(conv: nn.Module, tmp_path: Path):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape", [(3, 64), (2, 3, 64)], ids=["rows", "batch-rows"])
+def test_float_layers_compile(shape: tuple[int, ...], tmp_path: Path):
+    """Layers a spec leaves in float (and fp16 low-rank branches) are plain matmuls whose
+    epilogue the matmul rule cannot always fold: their store must still find its loop."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU())
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        want = module(x).numpy()
+    np.testing.assert_allclose(run_tvm(module, {"input": x}, tmp_path), want, rtol=1e-4, atol=1e-5)
+
+
 # --- the shared decode against numpy ------------------------------------------------------------
 
 

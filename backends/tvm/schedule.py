@@ -80,21 +80,24 @@ class CPUMatmul(dl.ScheduleRule):
         height = _tile(sch.get(rows).extent, ROW_TILE)
         column_tiles, column = sch.split(columns, [None, width])
         row_tiles, row = sch.split(rows, [None, height])
+        # `block`: the loop under which one register block of the result is complete.
         if decode:  # decode a [K, width] slab of the weight once per column tile
             sch.reorder(column_tiles, row_tiles, k, row, column)
             sch.compute_at(decode[0], column_tiles)
             sch.vectorize(sch.get_loops(decode[0])[-1])
             sch.parallel(column_tiles)
+            block = row_tiles
         else:
             sch.reorder(row_tiles, column_tiles, k, row, column)
-            sch.parallel(sch.fuse(row_tiles, column_tiles))
+            block = sch.fuse(row_tiles, column_tiles)
+            sch.parallel(block)
         if height > 1:
             sch.unroll(row)
         if width > 1:
             sch.vectorize(column)
         sch.decompose_reduction(matmul, k)
         if tail is not None:  # the store of the real rows, per register block
-            sch.reverse_compute_at(tail, row_tiles)
+            sch.reverse_compute_at(tail, block)
             _try(sch.vectorize, sch.get_loops(tail)[-1])  # not where it stores channels first
         return sch
 
