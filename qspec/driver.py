@@ -11,9 +11,8 @@ from importlib import metadata
 from pathlib import Path
 
 from qspec import report
-from qspec.backends import backend
+from qspec.backends import backend, cost_model
 from qspec.backends.base import Artifact
-from qspec.backends.onnx.backend import BACKEND as ONNX_COSTS
 from qspec.compiler.capture import Graph, capture
 from qspec.compiler.errors import CompileFailure, UserError
 from qspec.compiler.folder import (
@@ -272,13 +271,12 @@ class _Clock:
 def _allocate(
     prepared: Prepared, limits: Sequence[ir.Limit], batch: Batch, log: Callable[[str], None]
 ) -> Allocation | None:
-    """Decide the spec's `weight choose` layers, with the ONNX backend as the cost model: ONNX
-    Runtime times one layer in about a second, and every spec can emit ONNX."""
+    """Decide the spec's `weight choose` layers, priced by `backends.cost_model()`."""
     if not choosing(prepared.plan):
         return None
     state = State.start(prepared.spec, prepared.graph, prepared.plan, prepared.calibration)
     allocation, prepared.sensitivity = allocate_plan(
-        state, limits, ONNX_COSTS, log, prepared.sensitivity, batch
+        state, limits, cost_model(), log, prepared.sensitivity, batch
     )
     return allocation
 

@@ -12,7 +12,7 @@ import pytest
 from projects import write_project
 
 import qspec
-from qspec.backends.onnx.backend import BACKEND as ONNX
+from qspec.backends import cost_model
 from qspec.cli import main
 from qspec.compiler.capture import matrix
 from qspec.compiler.errors import UserError
@@ -131,7 +131,7 @@ def test_errors_fall_as_bits_rise_for_every_sensitivity(tmp_path: Path):
     graph = prepared.graph
     for how in ("output", "hessian", "metric"):
         state = State.start(spec, graph, prepared.plan, prepared.calibration)
-        sensitivity = measure(state, how, ONNX, None, lambda _: None)
+        sensitivity = measure(state, how, cost_model(), None, lambda _: None)
         for name, options in sensitivity.options.items():
             errors = [option.error for option in options]
             assert errors[0] > errors[1] > errors[2] - 1e-6, (how, name, errors)

@@ -106,7 +106,7 @@ def measure(
 def compress(state: State, name: str, plan: LayerPlan) -> CompressedLayer | None:
     """The layer compressed by its own passes under `plan` (None when the plan keeps it float),
     on the statistics `state` already holds for it."""
-    after_calibration = [(name, run) for name, run in PIPELINE if run is not calibrate.run]
+    after_calibration = [(step, run) for step, run in PIPELINE if run is not calibrate.run]
     single = run_passes(state.for_layer(name, plan), after_calibration, scope=(name,))
     return single.qmodel.get(name)
 
