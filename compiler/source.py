@@ -248,7 +248,8 @@ def _weights_digest(module: torch.nn.Module) -> str:
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
         digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape(-1): 0-dim tensors (BatchNorm's num_batches_tracked) cannot be viewed as bytes
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -377,6 +378,12 @@ def _check_batch(batch: Any, word: ir.Word, model: LoadedModel) -> Batch:
                 f"calibration input '{name}' is {tensor.dtype} with {tensor.dim()} dims; "
                 f"the example input is {example.dtype} with {example.dim()} dims",
                 word.span,
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UserError(
+                f"calibration input '{name}' has NaN or infinite values",
+                word.span,
+                help="statistics, scales and GPTQ need finite data: clean or drop those rows",
             )
     return named
 

@@ -17,6 +17,7 @@ from qspec.compiler.capture import Graph, capture
 from qspec.compiler.errors import CompileFailure, UserError
 from qspec.compiler.folder import (
     FORMAT_VERSION,
+    check_replaceable,
     read_manifest,
     sha256_file,
     staged,
@@ -84,6 +85,7 @@ def compile_spec(
     checked = check_file(spec_path)
     spec = checked.raise_errors()
     try:
+        check_replaceable(Path(out_dir), [Path(path) for path in spec.files])
         return compile_prepared(
             prepare(spec, log), Path(out_dir), spec.limits, fail_under or {}, log
         )

@@ -260,3 +260,79 @@ def test_minilm_end_to_end(spec: str, floor: float, tmp_path: Path):
 def test_examples_folder_is_clean():
     leftovers = [p for p in EXAMPLES.rglob("*") if p.name.startswith(".")]
     assert not leftovers
+
+
+CNN_MODEL = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        layers = (nn.Flatten(), nn.Linear(16 * 8 * 8, 32), nn.ReLU(), nn.Linear(32, 10))
+        self.head = nn.Sequential(*layers)
+
+    def forward(self, image):
+        return self.head(torch.relu(self.bn(self.conv(image))))
+
+
+def load():
+    torch.manual_seed(0)
+    return Net().eval(), {"image": torch.randn(2, 3, 8, 8)}
+
+
+def batches():
+    generator = torch.Generator().manual_seed(1)
+    for index in range(8):
+        batch = torch.randn(8, 3, 8, 8, generator=generator)
+        if BROKEN and index == 3:
+            batch[0, 0, 0, 0] = float("nan")
+        yield {"image": batch}
+
+
+BROKEN = False
+"""
+
+
+def test_a_batchnorm_cnn_compiles(tmp_path: Path):
+    """BatchNorm's 0-dim `num_batches_tracked` buffer is part of the model's digest."""
+    spec = tiny_project(tmp_path, 'layer "head.*" {\n  weight int4 group 32\n}\n', CNN_MODEL)
+    build = qspec.compile(spec, tmp_path / "out")
+    assert build.fidelity is not None and build.fidelity.cosine_mean > 0.99
+
+
+def test_nan_calibration_data_is_a_user_error(tmp_path: Path):
+    model = CNN_MODEL.replace("BROKEN = False", "BROKEN = True")
+    spec = tiny_project(tmp_path, 'layer "head.*" {\n  weight int4 group 32\n}\n', model)
+    message = compile_error(spec, tmp_path / "out")
+    assert "tiny.qspec:3:13: error: calibration input 'image' has NaN or infinite values" in message
+
+
+@pytest.mark.parametrize(
+    ("out", "message"),
+    [
+        (".", "is the current folder or one of its parents"),
+        ("", "is the current folder or one of its parents"),
+        ("..", "is the current folder or one of its parents"),
+        ("notes.txt", "is a file"),
+        ("mine", "is a folder that is not a qspec build"),
+    ],
+    ids=["dot", "empty", "parent", "file", "user-folder"],
+)
+def test_output_never_replaces_what_qspec_did_not_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, out: str, message: str
+):
+    """Refused before the model is loaded (its entry would fail), and nothing is touched."""
+    project = tmp_path / "project"
+    project.mkdir()
+    spec = write_project(project, TINY_MODEL.replace("def load():", "def load():\n    1 / 0"), "")
+    (project / "notes.txt").write_text("keep")
+    (project / "mine").mkdir()
+    (project / "mine" / "work.py").write_text("keep")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    monkeypatch.chdir(project)
+    assert message in compile_error(spec, Path(out))
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
