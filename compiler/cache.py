@@ -7,14 +7,44 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
+
+# What `--cache-dir` and `--no-cache` set for one compile (None: not given).
+_chosen_folder: Path | None = None
+_content_cache = True
 
 
 def cache_dir() -> Path:
-    """Where qspec keeps what later builds reuse: $QSPEC_CACHE_DIR, else ~/.cache/qspec."""
+    """Where qspec keeps what later builds reuse: `--cache-dir`, else $QSPEC_CACHE_DIR, else
+    $XDG_CACHE_HOME/qspec, else ~/.cache/qspec."""
+    if _chosen_folder is not None:
+        return _chosen_folder
     folder = os.environ.get("QSPEC_CACHE_DIR")
-    return Path(folder) if folder else Path.home() / ".cache" / "qspec"
+    if folder:
+        return Path(folder)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "qspec"
+
+
+def content_cache_enabled() -> bool:
+    """Whether builds and per-layer results may be served from the cache (`--no-cache` says
+    no; latency and tuning measurements are reused either way)."""
+    return _content_cache
+
+
+@contextmanager
+def cache_settings(folder: str | Path | None = None, enabled: bool = True) -> Iterator[None]:
+    """`--cache-dir` and `--no-cache` for the duration of one command."""
+    global _chosen_folder, _content_cache
+    before = _chosen_folder, _content_cache
+    _chosen_folder = Path(folder) if folder is not None else None
+    _content_cache = enabled
+    try:
+        yield
+    finally:
+        _chosen_folder, _content_cache = before
 
 
 def read_entries(path: Path) -> dict[str, object]:
