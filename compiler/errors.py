@@ -21,7 +21,7 @@ class UserError(Exception):
         notes: Iterable[Note] = (),
     ):
         super().__init__(message)
-        where = span or Span("<spec>", 0, 0, 0, 0)
+        where = span or Span("qspec", 0, 0, 0, 0)  # not about a spec line: "qspec: error"
         self.diagnostic = Diagnostic("error", message, where, expected, help, tuple(notes))
 
 

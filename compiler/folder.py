@@ -1,15 +1,24 @@
-"""The build folder: written in a temporary sibling and renamed into place at the end, so an
-interrupted build never leaves a folder that looks complete, and an earlier build stays intact
-until the new one is whole."""
+"""The build folder. qspec replaces only folders it wrote; a build is written in a hidden staging
+sibling and swapped into place in one step, under a lock, so that an interrupted or failed build
+leaves the previous build exactly as it was, and two compiles to one folder never mix.
+
+Hidden siblings of `DIR`, all removed or restored by the next compile under the lock:
+`.DIR.lock` (the lock file, kept), `.DIR.building-*` (staging), `.DIR.old-*` (a previous build
+between the two renames of a filesystem without an atomic exchange).
+"""
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +27,8 @@ from qspec.compiler.errors import UserError
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
+LOCK_TIMEOUT_S = 900.0  # how long a second compile of one folder waits (QSPEC_LOCK_TIMEOUT)
+MIN_FREE_BYTES = 64 << 20  # less free space than this at the output is reported up front
 
 
 def check_replaceable(out_dir: Path, keep: Sequence[Path] = ()) -> None:
@@ -35,13 +46,45 @@ def check_replaceable(out_dir: Path, keep: Sequence[Path] = ()) -> None:
         raise UserError(f"-o {given!r} holds the spec itself", help="use -o build/NAME")
     if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
         return
-    if out_dir.is_dir() and _is_build(out_dir):
+    if out_dir.is_dir() and not out_dir.is_symlink() and _is_build(out_dir):
         return
     what = "a file" if not out_dir.is_dir() else "a folder that is not a qspec build"
     raise UserError(
         f"-o {given!r} is {what}: qspec replaces only empty folders and its own builds",
         help="choose another output folder, or remove it yourself",
     )
+
+
+def output_folder(out_dir: str | Path) -> Path:
+    """-o as a path; '' (an unset shell variable) must not become the current folder."""
+    if not str(out_dir).strip():
+        raise UserError("-o '' names no folder (an unset variable?)", help="use -o build/NAME")
+    return Path(out_dir)
+
+
+def check_writable(out_dir: Path) -> None:
+    """Fail now, not after minutes of work, where the build could not be written: the parent
+    cannot be created or written, or its disk is (nearly) full."""
+    parent = out_dir.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=parent, prefix=f".{out_dir.name}.probe-") as probe:
+            probe.write(b"qspec")
+            probe.flush()
+            os.fsync(probe.fileno())
+        free = shutil.disk_usage(parent).free
+    except OSError as error:
+        raise cannot_write(out_dir, error) from None
+    if free < MIN_FREE_BYTES:
+        raise UserError(
+            f"cannot write {out_dir}: only {free >> 20} MiB free on its disk",
+            help="free some space or choose another output folder",
+        )
+
+
+def cannot_write(out_dir: Path, error: OSError) -> UserError:
+    reason = error.strerror or str(error)
+    return UserError(f"cannot write {out_dir}: {reason}", help="choose another output folder")
 
 
 def _is_build(folder: Path) -> bool:
@@ -53,45 +96,143 @@ def _is_build(folder: Path) -> bool:
 
 
 @contextmanager
-def staged(out_dir: Path) -> Iterator[Path]:
-    """Yield an empty staging folder; on success it replaces `out_dir` in one rename (only
-    where `check_replaceable` allows it)."""
+def locked(out_dir: Path, log: Callable[[str], None] = lambda _: None) -> Iterator[None]:
+    """Hold `.DIR.lock` (an advisory lock the kernel drops when the process dies): a second
+    compile of the same folder waits for the first, up to $QSPEC_LOCK_TIMEOUT seconds."""
+    out_dir = out_dir.resolve()
+    try:
+        timeout = float(os.environ.get("QSPEC_LOCK_TIMEOUT", LOCK_TIMEOUT_S))
+    except ValueError:
+        raise UserError("QSPEC_LOCK_TIMEOUT must be a number of seconds") from None
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(out_dir.with_name(f".{out_dir.name}.lock"), "a+")  # noqa: SIM115
+    except OSError as error:
+        raise cannot_write(out_dir, error) from None
+    with handle:
+        deadline, waiting = time.monotonic() + timeout, False
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise UserError(
+                        f"{out_dir} is being built by another qspec process; gave up after "
+                        f"{timeout:.0f} s",
+                        help="wait for it, or raise QSPEC_LOCK_TIMEOUT (seconds)",
+                    ) from None
+                if not waiting:
+                    log(f"waiting for another qspec compile of {out_dir}")
+                    waiting = True
+                time.sleep(0.2)
+        try:
+            _recover(out_dir)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _recover(out_dir: Path) -> None:
+    """Under the lock no other build is running: leftovers are from killed ones. A previous
+    build caught between the two renames goes back into place; staging folders go."""
+    parent, name = out_dir.parent, out_dir.name
+    for stale in parent.glob(f".{name}.building-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    retired = sorted(parent.glob(f".{name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if retired and not out_dir.exists():
+        os.replace(retired.pop(), out_dir)
+    for old in retired:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staged(out_dir: Path, log: Callable[[str], None] = lambda _: None) -> Iterator[Path]:
+    """Yield an empty staging folder; when the block ends without an exception the staging
+    folder replaces `out_dir` (only where `check_replaceable` allows it). Files whose bytes did
+    not change keep their old inode and mtime, so build tools see them unchanged."""
     check_replaceable(out_dir)
     out_dir = out_dir.resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out_dir)
-    prefix = f".{out_dir.name}.building-{os.getpid()}-"
-    stage = Path(tempfile.mkdtemp(prefix=prefix, dir=out_dir.parent))
-    try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    retired = None
-    if out_dir.exists():
-        retired = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, retired)
+    with locked(out_dir, log):
+        try:
+            stage = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
+        except OSError as error:
+            raise cannot_write(out_dir, error) from None
+        try:
+            os.chmod(stage, 0o777 & ~umask())
+            yield stage
+            if out_dir.exists():
+                _keep_unchanged(out_dir, stage)
+            _swap_in(stage, out_dir)
+        except OSError as error:
+            raise cannot_write(out_dir, error) from None
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _keep_unchanged(old: Path, new: Path) -> None:
+    """Replace each new file whose bytes equal the old build's by a hard link to the old file
+    (a copy keeping its mtime where links are not possible). The manifest is always new."""
+    for path in new.rglob("*"):
+        relative = path.relative_to(new)
+        before = old / relative
+        if (
+            str(relative) == MANIFEST
+            or not path.is_file()
+            or not before.is_file()
+            or before.is_symlink()
+            or before.stat().st_size != path.stat().st_size
+            or sha256_file(before) != sha256_file(path)
+        ):
+            continue
+        twin = path.with_name(f".{path.name}.same")
+        try:
+            os.link(before, twin)
+        except OSError:
+            shutil.copy2(before, twin)
+        os.replace(twin, path)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _swap_in(stage: Path, out_dir: Path) -> None:
+    """Put `stage` at `out_dir`. With an old build there, Linux exchanges the two in one atomic
+    step; elsewhere two renames, with the old build parked as `.DIR.old-PID` in between (the
+    next compile puts it back if a kill lands between them)."""
+    if not out_dir.exists():
+        os.replace(stage, out_dir)
+        return
+    if _exchange(stage, out_dir):
+        return  # the old build is now at `stage`, which the caller removes
+    retired = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    os.replace(out_dir, retired)
     os.replace(stage, out_dir)
-    if retired is not None:
-        shutil.rmtree(retired, ignore_errors=True)
+    shutil.rmtree(retired, ignore_errors=True)
 
 
-def _remove_stale(out_dir: Path) -> None:
-    """Staging folders of builds that were killed: their process is gone."""
-    for stale in out_dir.parent.glob(f".{out_dir.name}.building-*"):
-        pid = stale.name.rsplit(".building-", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
+def _exchange(first: Path, second: Path) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
         return False
-    except PermissionError:
+    result = renameat2(
+        _AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE
+    )
+    if result == 0:
         return True
-    return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
 
 
 def write_json(path: Path, data: object) -> None:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from qspec.compiler.errors import UserError
+from qspec.compiler.inputs import ENTRY_PREFIX
 from qspec.dsl import ir
 from qspec.dsl.diagnostics import did_you_mean
 
@@ -419,7 +420,7 @@ def call_entry(word: ir.Word, what: str, *args: Any) -> Any:
 
 
 def _import_file(path: Path, word: ir.Word) -> ModuleType:
-    name = "qspec_user_" + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    name = ENTRY_PREFIX + hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
 from qspec import __version__
+from qspec.compiler.cache import cache_settings
 from qspec.compiler.errors import CompileFailure, UserError
 from qspec.dsl.diagnostics import Diagnostic, SpecError
 from qspec.dsl.format import format_text
@@ -30,9 +34,19 @@ examples:
   qspec fmt --check spec.qspec                exit 1 and print a diff if it would change
   cat spec.qspec | qspec fmt -                format standard input to standard output
 
-exit codes: 0 success, 1 build failed (or fmt --check found changes), 2 error in the spec,
-            model or data, 3 internal error
+exit codes: 0 success (compile --check: up to date), 1 build failed (compile --check: out of
+            date; fmt --check: would change), 2 error in the spec, model, data, options or
+            output folder, 3 internal error, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM)
 """
+TERMINATED = 143
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the program is, so that staging folders are cleaned up."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,8 +55,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return USER_ERROR
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate)
     try:
-        return args.run(args)
+        with cache_settings(getattr(args, "cache_dir", None), not getattr(args, "no_cache", False)):
+            return args.run(args)
     except SpecError as error:
         print(error.render(), file=sys.stderr)
         return USER_ERROR
@@ -55,6 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qspec: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("qspec: terminated", file=sys.stderr)
+        return TERMINATED
+    except BrokenPipeError:  # the reader went away (| head): nothing left to say
+        sys.stderr.close()
+        return OK
     except Exception as error:  # a bug in qspec: say so briefly unless asked for details
         if args.debug:
             traceback.print_exc()
@@ -126,7 +149,42 @@ def _parser() -> argparse.ArgumentParser:
         help="exit 1 when fidelity is below VALUE (cosine, cosine_min, snr, top1)",
     )
     compile_.add_argument("--timings", action="store_true", help="print the time of each stage")
+    compile_.add_argument(
+        "--depfile",
+        metavar="FILE",
+        help="write a Make-format depfile: DIR/manifest.json depends on every file the build "
+        "read (FILE must be outside DIR)",
+    )
+    compile_.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 0 if DIR is up to date with the spec and its inputs, 1 if not",
+    )
+    compile_.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object on stdout (everything else goes to stderr)",
+    )
+    _cache_options(compile_)
+    compile_.add_argument(
+        "--progress",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="progress output on stderr: auto shows it only on a terminal",
+    )
     compile_.set_defaults(command="compile", run=run_compile)
+
+    cache = commands.add_parser(
+        "cache",
+        help="show or clear the cache",
+        description="The cache holds whole builds (restored when the spec and the content of "
+        "every input match), per-layer results, and latency and tuning measurements.",
+        epilog="examples:\n  qspec cache info\n  qspec cache clear",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    cache.add_argument("action", choices=("info", "clear"))
+    cache.add_argument("--cache-dir", metavar="DIR", help="the cache folder (default: see info)")
+    cache.set_defaults(command="cache", run=run_cache)
 
     sweep = commands.add_parser(
         "sweep",
@@ -149,6 +207,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("-o", "--output", required=True, metavar="DIR", help="sweep folder")
     sweep.add_argument("--timings", action="store_true", help="print the time of each stage")
+    _cache_options(sweep)
     sweep.set_defaults(command="sweep", run=run_sweep)
 
     run = commands.add_parser(
@@ -187,6 +246,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     explain.set_defaults(command="explain", run=run_explain)
     return parser
+
+
+def _cache_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="the cache folder (beats $QSPEC_CACHE_DIR, which beats $XDG_CACHE_HOME/qspec)",
+    )
+    command.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="neither read nor fill the build and per-layer caches",
+    )
 
 
 def _report(diagnostics: list[Diagnostic], sources: dict[str, str]) -> None:
@@ -279,11 +351,116 @@ def _thresholds(pairs: list[str]) -> dict[str, float]:
 
 
 def run_compile(args: argparse.Namespace) -> int:
-    from qspec.driver import compile_spec
+    from qspec.build import build, up_to_date
 
-    log = (lambda line: print(f"  {line}", file=sys.stderr)) if args.timings else (lambda _: None)
-    build = compile_spec(args.spec, args.output, fail_under=_thresholds(args.fail_under), log=log)
-    print(summary(build.manifest, build.report, build.latency_ms))
+    if args.check:
+        current, reason = up_to_date(args.spec, args.output)
+        if args.json:
+            print(json.dumps({"folder": args.output, "up_to_date": current, "reason": reason}))
+        else:
+            print(reason, file=sys.stderr)
+        return OK if current else CHANGED
+    progress = Progress(args.progress)
+    log = progress.show
+    if args.timings:
+        log = progress.and_print
+    fail_under = _thresholds(args.fail_under)
+    with progress:
+        outcome = build(
+            args.spec, args.output, fail_under=fail_under, depfile=args.depfile, log=log
+        )
+    if args.json:
+        print(json.dumps(machine_summary(outcome), indent=1))
+    else:
+        print(summary(outcome.manifest, outcome.report, outcome.latency_ms))
+        if outcome.cache == "hit":
+            print(
+                f"restored from the cache in {outcome.timings['restore']:.2f} s "
+                "(latency as measured when it was built)"
+            )
+    return OK
+
+
+class Progress:
+    """One status line on stderr that each stage overwrites, only where it is wanted: on a
+    terminal (`auto`) or always; `never` and non-terminals also silence third-party bars."""
+
+    def __init__(self, mode: str):
+        self.on = mode == "always" or (mode == "auto" and sys.stderr.isatty())
+        if not self.on:
+            os.environ["TQDM_DISABLE"] = "1"
+            os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        self.shown = False
+
+    def show(self, line: str) -> None:
+        if self.on:
+            print(f"\r{line[:79]:<79}", end="", file=sys.stderr, flush=True)
+            self.shown = True
+
+    def and_print(self, line: str) -> None:
+        self.show(line)
+        self.clear()
+        print(f"  {line}", file=sys.stderr)
+
+    def clear(self) -> None:
+        if self.shown:
+            print("\r" + " " * 79 + "\r", end="", file=sys.stderr, flush=True)
+            self.shown = False
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.clear()
+
+
+def machine_summary(outcome) -> dict:
+    """What `--json` prints: where the build is, its artifacts with their hashes, fidelity,
+    budgets, timings and whether the cache served it."""
+    manifest, report = outcome.manifest, outcome.report
+    files = manifest.get("files", {})
+    targets = []
+    for target in manifest["targets"]:
+        path = outcome.folder / target["file"]
+        targets.append(
+            {
+                "name": target["name"],
+                "backend": target["backend"],
+                "device": target.get("device"),
+                "file": str(path),
+                "bytes": path.stat().st_size,
+                "sha256": files.get(target["file"]),
+                "verified": target.get("verified", False),
+                "fidelity": target.get("fidelity"),
+            }
+        )
+    return {
+        "folder": str(outcome.folder),
+        "manifest": str(outcome.folder / "manifest.json"),
+        "cache": outcome.cache,
+        "artifacts": targets,
+        "fidelity": report.get("fidelity"),
+        "budgets": manifest.get("budgets", []),
+        "totals": manifest["totals"],
+        "latency_ms": outcome.latency_ms,
+        "timings_s": {name: round(seconds, 3) for name, seconds in outcome.timings.items()},
+        "inputs": [str(path) for path in outcome.inputs],
+    }
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    from qspec import buildcache
+
+    if args.action == "clear":
+        freed = buildcache.clear()
+        print(f"removed {freed / 1e6:.1f} MB from {buildcache.cache_dir()}")
+        return OK
+    info = buildcache.info()
+    print(f"folder: {info['folder']}")
+    print(f"builds: {info['builds']} (least recently used: {info['least_recently_used']})")
+    for name, size in info["bytes"].items():
+        print(f"  {name}: {size / 1e6:.1f} MB")
+    print(f"total: {info['total_bytes'] / 1e6:.1f} MB of {info['limit_bytes'] / 1e9:.1f} GB")
     return OK
 
 

@@ -2,27 +2,33 @@
 
 from __future__ import annotations
 
-import platform
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from importlib import metadata
 from pathlib import Path
 
 from qspec import report
 from qspec.backends import backend, cost_model
 from qspec.backends.base import Artifact
+from qspec.build import fidelity_floors_missed
+from qspec.buildcache import action_key, tool_versions
+from qspec.compiler.cache import cache_dir
 from qspec.compiler.capture import Graph, capture
 from qspec.compiler.errors import CompileFailure, UserError
 from qspec.compiler.folder import (
     FORMAT_VERSION,
+    MANIFEST,
     check_replaceable,
+    check_writable,
+    output_folder,
     read_manifest,
     sha256_file,
     staged,
     write_json,
 )
+from qspec.compiler.inputs import Recording, build_inputs, recording, relative_to
+from qspec.compiler.layercache import open_cache
 from qspec.compiler.qmodel import float_param_bytes
 from qspec.compiler.resolve import Plan, explain, resolve
 from qspec.compiler.source import (
@@ -31,6 +37,7 @@ from qspec.compiler.source import (
     LoadedModel,
     load_calibration,
     load_model,
+    resolve_path,
 )
 from qspec.compiler.state import State, run_passes
 from qspec.compiler.timing import median_seconds
@@ -50,16 +57,6 @@ from qspec.passes.allocate.sensitivity import Sensitivity
 from qspec.runtime import open_target
 from qspec.verify import Fidelity, end_to_end, per_layer
 
-TOOLS = (
-    "torch",
-    "onnx",
-    "onnxruntime",
-    "onnxscript",
-    "apache-tvm",
-    "numpy",
-    "lark",
-    "transformers",
-)
 DEFAULT_TARGET = ir.Target(ir.Word("onnx"))
 
 
@@ -73,6 +70,7 @@ class Build:
     fidelity: Fidelity | None  # of the first listed target that ran here
     timings: dict[str, float] = field(default_factory=dict)
     latency_ms: dict[str, float] = field(default_factory=dict)
+    inputs: list[Path] = field(default_factory=list)  # every file the build read
 
 
 def compile_spec(
@@ -85,10 +83,12 @@ def compile_spec(
     checked = check_file(spec_path)
     spec = checked.raise_errors()
     try:
-        check_replaceable(Path(out_dir), [Path(path) for path in spec.files])
-        return compile_prepared(
-            prepare(spec, log), Path(out_dir), spec.limits, fail_under or {}, log
-        )
+        out = output_folder(out_dir)
+        check_replaceable(out, [Path(path) for path in spec.files])
+        check_writable(out)
+        with recording() as read:
+            prepared = prepare(spec, log, read)
+            return compile_prepared(prepared, out, spec.limits, fail_under or {}, log)
     except UserError as error:
         raise SpecError([error.diagnostic], checked.sources) from error
 
@@ -113,7 +113,7 @@ def _choices(spec: ir.Spec, folder: Path) -> dict[str, str]:
     except (FileNotFoundError, ValueError) as error:
         raise UserError(str(error)) from None
     built_from = manifest["spec"]["path"]
-    if Path(built_from).resolve() != Path(spec.path).resolve():
+    if Path(built_from).name != Path(spec.path).name:
         raise UserError(f"{folder} was built from {built_from}, not {spec.path}")
     return {
         entry["name"]: f"{entry['choice']['candidate']} (chosen, "
@@ -145,9 +145,12 @@ class Prepared:
     plan: Plan
     timings: dict[str, float]
     sensitivity: Sensitivity | None = None
+    read: Recording | None = None  # the files user code reads, while the build runs
 
 
-def prepare(spec: ir.Spec, log: Callable[[str], None] = lambda _: None) -> Prepared:
+def prepare(
+    spec: ir.Spec, log: Callable[[str], None] = lambda _: None, read: Recording | None = None
+) -> Prepared:
     clock = _Clock(log)
     model = load_model(_model_of(spec))
     calibration = load_calibration(spec.calibration, model, _model_of(spec).path)
@@ -155,7 +158,23 @@ def prepare(spec: ir.Spec, log: Callable[[str], None] = lambda _: None) -> Prepa
     graph = capture(model, _model_of(spec).path)
     plan = resolve(spec, graph)
     clock.lap("capture and resolve")
-    return Prepared(spec, model, calibration, graph, plan, clock.timings)
+    return Prepared(spec, model, calibration, graph, plan, clock.timings, read=read)
+
+
+def named_inputs(spec: ir.Spec) -> list[Path]:
+    """The files the spec names: itself, its includes, the Python files of its entries, the
+    calibration arrays and the model file or folder."""
+    named = [Path(path) for path in spec.files]
+    words = [spec.evaluate.entry] if spec.evaluate else []
+    if spec.model is not None:
+        words.append(spec.model.path)
+    if spec.calibration is not None:
+        words.append(spec.calibration.source)
+    for word in words:
+        file, colon, _ = word.text.rpartition(":")
+        entry = bool(colon) and file.endswith(".py")  # "file.py:function"
+        named.append(resolve_path(word, file) if entry else resolve_path(word))
+    return [path for path in named if path.exists()]
 
 
 def compile_prepared(
@@ -222,16 +241,30 @@ def compile_prepared(
             if not entry["met"] and entry["metric"] == "latency":
                 log(f"warning: {entry['limit']} not met here: measured {entry['measured']}")
         body = report.assemble(manifest, fidelity, layer_errors, graph.method, graph.note)
-        write_json(stage / "manifest.json", manifest)
+        _fail_if_short(fidelity, fail_under, budgets)  # before the folder replaces the old one
+        inputs = _inputs(prepared, (stage, out_dir, cache_dir()))
+        spec_dir = Path(spec.path).resolve().parent
+        specs = {Path(path).resolve() for path in spec.files}  # keyed by their IR instead
+        manifest["inputs"] = {
+            relative_to(path, spec_dir): sha256_file(path) for path in inputs if path not in specs
+        }
         write_json(stage / "report.json", body)
         (stage / "report.md").write_text(report.markdown(body))
         report.bits_chart(manifest, stage / "bits.png")
-    result = Build(out_dir, manifest, body, fidelity, clock.timings, latency)
-    below = [
-        f"{name} {fidelity and fidelity.metric(name)} < {floor}"
-        for name, floor in fail_under.items()
-        if fidelity is None or (fidelity.metric(name) or 0.0) < floor
-    ]
+        manifest["files"] = {
+            path.relative_to(stage).as_posix(): sha256_file(path)
+            for path in sorted(stage.rglob("*"))
+            if path.is_file()
+        }
+        write_json(stage / MANIFEST, manifest)
+    return Build(out_dir, manifest, body, fidelity, clock.timings, latency, inputs)
+
+
+def _fail_if_short(
+    fidelity: Fidelity | None, fail_under: dict[str, float], budgets: list[dict]
+) -> None:
+    """A CompileFailure naming each --fail-under floor and exact budget the build missed."""
+    below = fidelity_floors_missed(fidelity and fidelity.as_dict(), fail_under)
     missed = [
         f"{b['limit']} (measured {b['measured']})"
         for b in budgets
@@ -240,8 +273,20 @@ def compile_prepared(
     failed = ["fidelity below --fail-under: " + ", ".join(below)] * bool(below)
     failed += ["budget not met: " + ", ".join(missed)] * bool(missed)
     if failed:
-        raise CompileFailure("; ".join(failed))
-    return result
+        raise CompileFailure("; ".join(failed) + "; the previous build, if any, is unchanged")
+
+
+def _inputs(prepared: Prepared, own_folders: Sequence[Path]) -> list[Path]:
+    """Every file the build read: what the spec names and what its entries opened, without
+    what qspec itself wrote (the build folder, its staging folder, the cache)."""
+    record = prepared.read
+    read, modules = (record.opened, record.modules()) if record is not None else (set(), set())
+    own = [folder.resolve() for folder in own_folders]
+    return [
+        path
+        for path in build_inputs(read, [*named_inputs(prepared.spec), *modules])
+        if not any(path.is_relative_to(folder) for folder in own)
+    ]
 
 
 def _mark_choices(manifest: dict, allocation: Allocation) -> None:
@@ -276,20 +321,33 @@ def _allocate(
     """Decide the spec's `weight choose` layers, priced by `backends.cost_model()`."""
     if not choosing(prepared.plan):
         return None
-    state = State.start(prepared.spec, prepared.graph, prepared.plan, prepared.calibration)
+    cache = open_cache(prepared.model, prepared.calibration)
+    state = State.start(
+        prepared.spec, prepared.graph, prepared.plan, prepared.calibration, cache=cache
+    )
     allocation, prepared.sensitivity = allocate_plan(
         state, limits, cost_model(), log, prepared.sensitivity, batch
     )
+    for line in cache.summary() if cache else ():
+        log(line)
     return allocation
 
 
 def _run_passes(prepared: Prepared, plan: Plan, log: Callable[[str], None], clock: _Clock) -> State:
     sequential = _sequential(prepared.spec, plan)
+    cache = open_cache(prepared.model, prepared.calibration)
     state = State.start(
-        prepared.spec, prepared.graph, plan, prepared.calibration, sequential=sequential
+        prepared.spec,
+        prepared.graph,
+        plan,
+        prepared.calibration,
+        sequential=sequential,
+        cache=cache,
     )
     state = run_passes(state, PIPELINE, sequential=sequential)
     log(f"calibration: {'sequential, block by block' if sequential else 'parallel'}")
+    for line in cache.summary() if cache else ():
+        log(line)
     for name, seconds in state.timings.items():
         clock.timings[f"pass {name}"] = clock.timings.get(f"pass {name}", 0.0) + seconds
         log(f"pass {name}: {seconds:.1f} s")
@@ -361,7 +419,11 @@ def _verify(graph: Graph, calibration, entries: list[dict], stage: Path, batch: 
 
 
 def _manifest(spec, model, calibration, graph, state: State, artifact, targets: list) -> dict:
-    files = [{"path": path, "sha256": sha256_file(Path(path))} for path in spec.files]
+    spec_dir = Path(spec.path).resolve().parent
+    files = [
+        {"path": relative_to(Path(path).resolve(), spec_dir), "sha256": sha256_file(Path(path))}
+        for path in spec.files
+    ]
     layers = report.layer_entries(graph, state, artifact)
     # What the artifact must hold besides the compressed layers: its other stored tensors.
     other = artifact.other_bytes()
@@ -372,7 +434,8 @@ def _manifest(spec, model, calibration, graph, state: State, artifact, targets: 
     minimum = other + sum(entry["min_bytes"] for entry in compressed)
     return {
         "format_version": FORMAT_VERSION,
-        "spec": {"path": spec.path, "files": files},
+        "spec": {"path": Path(spec.path).name, "files": files},
+        "build": {"key": action_key(spec)},
         "model": {
             "source": spec.model.path.text,
             "kind": spec.model.kind,
@@ -389,11 +452,7 @@ def _manifest(spec, model, calibration, graph, state: State, artifact, targets: 
             "samples": calibration.samples,
             "holdout": sum(len(next(iter(b.values()))) for b in calibration.holdout),
         },
-        "tools": {
-            "qspec": _version("qspec"),
-            "python": platform.python_version(),
-            **{tool: _version(tool) for tool in TOOLS},
-        },
+        "tools": tool_versions(),
         "targets": targets,
         "layers": layers,
         "totals": {
@@ -404,10 +463,3 @@ def _manifest(spec, model, calibration, graph, state: State, artifact, targets: 
             "float_to_artifact": round(float_bytes / artifact.total_bytes, 3),
         },
     }
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "unknown"

@@ -31,13 +31,6 @@ class Fidelity:
     def as_dict(self) -> dict[str, float | int | None]:
         return {k: _round(v) for k, v in asdict(self).items()}
 
-    def metric(self, name: str) -> float | None:
-        return getattr(
-            self,
-            {"cosine": "cosine_mean", "snr": "snr_db", "top1": "top1_agreement"}.get(name, name),
-            None,
-        )
-
 
 def _round(value):
     return float(f"{value:.6g}") if isinstance(value, float) else value

@@ -160,7 +160,7 @@ def test_fail_under_exits_1(tmp_path: Path):
     )
     assert run.returncode == 1
     assert "fidelity below --fail-under: cosine" in run.stderr
-    assert (tmp_path / "o" / "report.json").is_file()  # kept for inspection
+    assert not (tmp_path / "o").exists()  # a failed build never replaces the folder
 
 
 def test_explain_lists_layers_and_rule_matches(tmp_path: Path):

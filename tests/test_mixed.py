@@ -184,8 +184,7 @@ def test_a_budget_without_candidates_is_checked_on_the_artifact(tmp_path: Path, 
     spec = project(tmp_path, body)
     assert main(["compile", str(spec), "-o", str(tmp_path / "out")]) == 1
     assert "budget not met: size <= 5 KB (measured 16.273)" in capsys.readouterr().err
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["budgets"][0]["met"] is False and "allocation" not in manifest
+    assert not (tmp_path / "out").exists()  # a failed build is not put in place
 
 
 def test_evolution_starts_from_the_ilp_and_is_repeatable(tmp_path: Path):

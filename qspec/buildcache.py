@@ -1,0 +1,297 @@
+"""The build cache: whole build folders, addressed by content, restored without importing torch.
+
+A build is decided by its *action* (the spec's canonical IR, qspec and tool versions, the host
+features code generation sees) and its *inputs* (the content of every file the build read).
+The inputs are only known after a build has run the spec's entries, so an entry is found in two
+steps, as ccache's direct mode does: `builds/<action key>/` holds one entry per input set seen,
+each naming its inputs (relative to the spec's folder) with their hashes; the entry whose
+inputs all still hash the same is the hit. Every restored file is checked against the hash the
+entry recorded: a corrupt or tampered entry is removed and the build runs.
+
+Nothing in an entry is executed or unpickled: it is a JSON file and the build folder's files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from qspec.compiler.cache import cache_dir
+from qspec.compiler.folder import FORMAT_VERSION, MANIFEST, sha256_file
+from qspec.compiler.inputs import sha256_of
+from qspec.dsl import ir
+
+ENTRY_VERSION = 1
+TOOLS = (
+    "qspec",
+    "torch",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "apache-tvm",
+    "numpy",
+    "lark",
+    "transformers",
+)
+DEFAULT_LIMIT = 5 << 30  # bytes; QSPEC_CACHE_SIZE overrides ("2G", "500M", "1048576")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def tool_versions() -> dict[str, str]:
+    """Installed versions, read from package metadata (no import)."""
+    versions = {"python": platform.python_version()}
+    for tool in TOOLS:
+        try:
+            versions[tool] = metadata.version(tool)
+        except metadata.PackageNotFoundError:
+            versions[tool] = "unknown"
+    return versions
+
+
+def host_features() -> dict[str, str]:
+    """What makes generated code differ between machines: the architecture and CPU flags
+    (TVM's llvm target compiles for the host's vector extensions)."""
+    flags = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                flags = " ".join(sorted(line.partition(":")[2].split()))
+                break
+    except OSError:
+        pass
+    return {"machine": platform.machine(), "cpu_flags": hashlib.sha256(flags.encode()).hexdigest()}
+
+
+def action_key(spec: ir.Spec) -> str:
+    """The part of a build's key known before any user code runs. Spans and comments are not
+    part of the IR's repr, so reformatting a spec keeps its key."""
+    canonical = repr(dataclasses.replace(spec, path="", files=()))
+    payload = {
+        "entry": ENTRY_VERSION,
+        "format": FORMAT_VERSION,
+        "spec_name": Path(spec.path).name,
+        "spec": canonical,
+        "tools": tool_versions(),
+        "host": host_features(),
+        "source_date_epoch": os.environ.get("SOURCE_DATE_EPOCH"),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def inputs_key(inputs: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def current_hashes(recorded: dict[str, str], base: Path) -> dict[str, str | None]:
+    """Each recorded input's hash now (None: it is gone)."""
+    return {path: sha256_of(base / path) for path in recorded}
+
+
+def changed_inputs(recorded: dict[str, str], base: Path) -> list[str]:
+    now = current_hashes(recorded, base)
+    return [path for path, digest in recorded.items() if now[path] != digest]
+
+
+@dataclass
+class Entry:
+    """A cache entry that matched: its folder and the files to restore (with their hashes)."""
+
+    folder: Path
+    inputs: dict[str, str]
+    files: dict[str, str]
+    latency_ms: dict[str, float]  # measured by the build that filled the entry
+
+
+def _builds() -> Path:
+    return cache_dir() / "builds"
+
+
+def lookup(action: str, base: Path) -> Entry | None:
+    """The entry of `action` whose inputs (relative to `base`) all hash as recorded."""
+    folder = _builds() / action
+    try:
+        candidates = sorted(folder.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
+    except OSError:
+        return None
+    for candidate in candidates:
+        entry = _read_entry(candidate)
+        if entry is None:
+            continue
+        if changed_inputs(entry.inputs, base):
+            continue
+        if _files_intact(entry):
+            _touch(candidate)
+            return entry
+        shutil.rmtree(candidate, ignore_errors=True)  # corrupt or tampered: build again
+    return None
+
+
+def _read_entry(folder: Path) -> Entry | None:
+    """An entry's record, or None where it is not one qspec wrote whole."""
+    try:
+        record = json.loads((folder / "entry.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("version") != ENTRY_VERSION:
+        return None
+    inputs, files = record.get("inputs"), record.get("files")
+    if not (_hash_table(inputs) and _hash_table(files)) or folder.name != inputs_key(inputs):
+        return None
+    if not all(_inside(name) for name in files) or MANIFEST not in files:
+        return None
+    latency = record.get("latency_ms")
+    if not isinstance(latency, dict) or not all(
+        isinstance(value, int | float) for value in latency.values()
+    ):
+        latency = {}
+    return Entry(folder, inputs, files, {str(name): float(ms) for name, ms in latency.items()})
+
+
+def _hash_table(table: Any) -> bool:
+    return isinstance(table, dict) and all(
+        isinstance(key, str) and isinstance(value, str) and _HEX64.fullmatch(value)
+        for key, value in table.items()
+    )
+
+
+def _inside(name: str) -> bool:
+    """A relative path that stays inside the folder it is joined to."""
+    path = PurePosixPath(name)
+    return bool(name) and not path.is_absolute() and ".." not in path.parts and "\\" not in name
+
+
+def _files_intact(entry: Entry) -> bool:
+    root = entry.folder / "files"
+    for name, digest in entry.files.items():
+        path = root / name
+        if path.is_symlink() or not path.is_file() or sha256_file(path) != digest:
+            return False
+    return True
+
+
+def restore(entry: Entry, stage: Path) -> None:
+    for name in entry.files:
+        target = stage / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(entry.folder / "files" / name, target)
+
+
+def store(action: str, inputs: dict[str, str], build: Path, latency_ms: dict[str, float]) -> None:
+    """Copy a finished build folder into the cache; a cache that cannot be written only costs
+    the next build its hit."""
+    files = {
+        path.relative_to(build).as_posix(): sha256_file(path)
+        for path in sorted(build.rglob("*"))
+        if path.is_file()
+    }
+    record = {"version": ENTRY_VERSION, "inputs": inputs, "files": files, "latency_ms": latency_ms}
+    final = _builds() / action / inputs_key(inputs)
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(prefix=".incoming-", dir=final.parent))
+    except OSError:
+        return
+    try:
+        for name in files:
+            (temporary / "files" / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(build / name, temporary / "files" / name)
+        (temporary / "entry.json").write_text(json.dumps(record, indent=1, sort_keys=True))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(temporary, final)
+    except OSError:
+        shutil.rmtree(temporary, ignore_errors=True)
+        return
+    evict(limit())
+
+
+def _touch(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # a read-only cache still serves hits
+        os.utime(folder)
+
+
+def limit() -> int:
+    """The cache's size limit in bytes: $QSPEC_CACHE_SIZE, else 5 GiB."""
+    text = os.environ.get("QSPEC_CACHE_SIZE", "").strip().upper().removesuffix("B")
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)I?", text)
+    if not match:
+        return DEFAULT_LIMIT
+    return int(float(match[1]) * _UNITS[match[2]])
+
+
+def entries() -> list[tuple[Path, int, float]]:
+    """Every build entry with its size and when it was last used."""
+    found = []
+    for action in _builds().glob("*"):
+        for entry in action.glob("[0-9a-f]*"):
+            size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
+            found.append((entry, size, entry.stat().st_mtime))
+    return found
+
+
+def evict(budget: int) -> list[Path]:
+    """Remove least recently used entries until the builds fit in `budget` bytes."""
+    removed = []
+    listed = sorted(entries(), key=lambda e: e[2])
+    total = sum(size for _, size, _ in listed)
+    for folder, size, _ in listed:
+        if total <= budget:
+            break
+        shutil.rmtree(folder, ignore_errors=True)
+        total -= size
+        removed.append(folder)
+        if not any(folder.parent.iterdir()):
+            folder.parent.rmdir()
+    return removed
+
+
+# What `qspec cache clear` removes: only what qspec writes into the cache folder.
+OWN_NAMES = ("builds", "layers", "latency.json", "tvm-tuning.json", "cuda-driver-stub")
+
+
+def info() -> dict[str, Any]:
+    folder = cache_dir()
+    parts = {}
+    for name in OWN_NAMES:
+        path = folder / name
+        if path.is_file():
+            parts[name] = path.stat().st_size
+        elif path.is_dir():
+            parts[name] = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    listed = entries()
+    oldest = min((used for _, _, used in listed), default=None)
+    return {
+        "folder": str(folder),
+        "builds": len(listed),
+        "bytes": parts,
+        "total_bytes": sum(parts.values()),
+        "limit_bytes": limit(),
+        "least_recently_used": time.strftime("%Y-%m-%d %H:%M", time.localtime(oldest))
+        if oldest
+        else None,
+    }
+
+
+def clear() -> int:
+    """Remove what qspec wrote in the cache folder; returns the bytes freed."""
+    freed = info()["total_bytes"]
+    folder = cache_dir()
+    for name in OWN_NAMES:
+        path = folder / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink(missing_ok=True)
+    return int(freed)
