@@ -90,9 +90,31 @@ def test_corrupt_cache_is_an_empty_one(content: str, monkeypatch: pytest.MonkeyP
     assert not list(path.parent.glob(".latency-*"))  # no temporary file left behind
 
 
+@pytest.mark.parametrize("bad", [-1.0, 0.0, 1e300, "0.5", None])
+def test_implausible_cached_timings_are_measured_again(bad, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(latency, "emit", lambda *args: None)
+    monkeypatch.setattr(latency, "session_latency", lambda *args, **kwargs: 0.5)
+    layer, module, compressed = int4_linear()
+    latency.layer_latency("fc", layer, module, compressed, (8, 64), "k")
+    path = latency.cache_path()
+    path.write_text(json.dumps({key: bad for key in json.loads(path.read_text())}))
+    monkeypatch.setattr(latency, "session_latency", lambda *args, **kwargs: 0.25)
+    assert latency.layer_latency("fc", layer, module, compressed, (8, 64), "k") == 0.25
+
+
+def test_an_unwritable_cache_only_costs_measuring(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("QSPEC_CACHE_DIR", str(tmp_path / "file" / "cache"))
+    monkeypatch.setattr(latency, "emit", lambda *args: None)
+    monkeypatch.setattr(latency, "session_latency", lambda *args, **kwargs: 0.5)
+    layer, module, compressed = int4_linear()
+    assert latency.layer_latency("fc", layer, module, compressed, (8, 64), "k") == 0.5
+
+
 def test_cache_follows_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("QSPEC_CACHE_DIR", str(tmp_path))
     assert latency.cache_path() == tmp_path / "latency.json"
     monkeypatch.delenv("QSPEC_CACHE_DIR")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert latency.cache_path() == tmp_path / "home" / ".cache" / "qspec" / "latency.json"

@@ -298,3 +298,15 @@ def test_tune_trials_measure_once_then_reuse(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(tune, "_seconds", measure)
     again = qspec.compile(spec, tmp_path / "again")
     assert again.manifest["targets"][0]["verified"]
+
+
+@pytest.mark.parametrize("bad", [7, 0, "32", None, 3.5])
+def test_hostile_tuning_entries_are_measured_again(tmp_path: Path, bad):
+    body = 'target tvm { device llvm tune trials 8 }\nlayer "fc*" { weight int4 group 32 }\n'
+    spec = write_project(tmp_path, TINY, body)
+    qspec.compile(spec, tmp_path / "first")
+    path = Path(os.environ["QSPEC_CACHE_DIR"]) / "tvm-tuning.json"
+    path.write_text(json.dumps({key: bad for key in json.loads(path.read_text())}))
+    again = qspec.compile(spec, tmp_path / "again")
+    assert again.manifest["targets"][0]["verified"]
+    assert set(json.loads(path.read_text()).values()) <= {tune.COLUMN_TILE, *tune.CANDIDATES}

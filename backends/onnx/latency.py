@@ -32,6 +32,8 @@ from qspec.compiler.capture import Graph, Layer
 from qspec.compiler.qmodel import CompressedLayer
 from qspec.compiler.timing import median_seconds
 
+MAX_SECONDS = 60.0  # no single layer takes longer: a cached timing beyond it is not trusted
+
 
 class _Alone(nn.Module):
     """The layer as the only submodule, `layer`: the name emit lowers it under."""
@@ -93,7 +95,7 @@ def _cached(parts: list, threads: int, measure: Callable[[], float]) -> float:
     entry = json.dumps([*parts, *machine])
     path = cache_path()
     value = read_entries(path).get(entry)
-    if isinstance(value, float):
+    if isinstance(value, float) and 0.0 < value < MAX_SECONDS:  # a bad entry is measured again
         return value
     value = measure()
     add_entries(path, {entry: value})

@@ -35,7 +35,8 @@ def tune(module: tvm.IRModule, target: tvm.target.Target, trials: int) -> dict[i
     every core, as the runtime runs (TVM reads the thread count at its first parallel kernel)."""
     os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
     path = cache_dir() / "tvm-tuning.json"
-    known = {k: v for k, v in read_entries(path).items() if isinstance(v, int)}
+    tiles_known = (COLUMN_TILE, *CANDIDATES)  # any other value in the file is not one we wrote
+    known = {k: v for k, v in read_entries(path).items() if v in tiles_known and type(v) is int}
     tiles, left = {}, trials
     for _, function in sorted(module.functions.items(), key=lambda item: item[0].name_hint):
         if not isinstance(function, tirx.PrimFunc):
@@ -52,7 +53,7 @@ def tune(module: tvm.IRModule, target: tvm.target.Target, trials: int) -> dict[i
             # Keep the default unless a candidate is clearly faster: timings of a kernel this
             # short move by a few percent between runs.
             known[key] = best if timings[best] < MARGIN * timings[COLUMN_TILE] else COLUMN_TILE
-        if key in known:
+        if key in known and (known[key] in candidates or known[key] == COLUMN_TILE):
             tiles[kernel] = known[key]
     add_entries(path, known)
     return tiles
