@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeGuard
 
 from qspec.compiler.cache import cache_dir
 from qspec.compiler.folder import FORMAT_VERSION, MANIFEST, sha256_file
@@ -160,7 +160,7 @@ def _read_entry(folder: Path) -> Entry | None:
     return Entry(folder, inputs, files, {str(name): float(ms) for name, ms in latency.items()})
 
 
-def _hash_table(table: Any) -> bool:
+def _hash_table(table: object) -> TypeGuard[dict[str, str]]:
     return isinstance(table, dict) and all(
         isinstance(key, str) and isinstance(value, str) and _HEX64.fullmatch(value)
         for key, value in table.items()

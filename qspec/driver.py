@@ -264,7 +264,7 @@ def _fail_if_short(
     fidelity: Fidelity | None, fail_under: dict[str, float], budgets: list[dict]
 ) -> None:
     """A CompileFailure naming each --fail-under floor and exact budget the build missed."""
-    below = fidelity_floors_missed(fidelity and fidelity.as_dict(), fail_under)
+    below = fidelity_floors_missed(fidelity.as_dict() if fidelity else None, fail_under)
     missed = [
         f"{b['limit']} (measured {b['measured']})"
         for b in budgets
