@@ -46,7 +46,7 @@ def check_replaceable(out_dir: Path, keep: Sequence[Path] = ()) -> None:
         raise UserError(f"-o {given!r} holds the spec itself", help="use -o build/NAME")
     if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
         return
-    if out_dir.is_dir() and not out_dir.is_symlink() and _is_build(out_dir):
+    if out_dir.is_dir() and _is_build(out_dir):
         return
     what = "a file" if not out_dir.is_dir() else "a folder that is not a qspec build"
     raise UserError(
