@@ -24,6 +24,7 @@ from tvm import relax, s_tir, tirx, topi
 from tvm.s_tir import dlight as dl
 
 from qspec.backends.tvm.kernels import ROW_TILE
+from qspec.backends.tvm.reproducible import relax_pipeline
 
 COLUMN_TILE = 16  # 4 x 16 float32 accumulators: 8 of AVX2's 16 vector registers
 REDUCE = 2  # IterVar.CommReduce
@@ -243,7 +244,8 @@ def build_library(
         fused = fusion_passes(compiled_for)(relax_module)
         tiles = tune(fused, compiled_for, trials) if trials else {}
         scheduled = schedule_pass(compiled_for, tiles)(fused)
-        executable = tvm.compile(scheduled, target=compiled_for)
+        pipeline = relax_pipeline(compiled_for)
+        executable = tvm.compile(scheduled, target=compiled_for, relax_pipeline=pipeline)
     executable.export_library(str(library))
     functions = scheduled.functions.items()
     return sorted(gv.name_hint for gv, f in functions if isinstance(f, tirx.PrimFunc))
