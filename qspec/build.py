@@ -20,6 +20,7 @@ from qspec.compiler.folder import (
     MANIFEST,
     check_replaceable,
     check_writable,
+    locked,
     output_folder,
     read_manifest,
     sha256_file,
@@ -42,7 +43,7 @@ class Outcome:
     folder: Path
     manifest: dict[str, Any]
     report: dict[str, Any]
-    cache: str  # "hit", "miss" or "off"
+    cache: str  # "up to date" (nothing done), "hit", "miss" or "off"
     timings: dict[str, float] = field(default_factory=dict)
     inputs: list[Path] = field(default_factory=list)
     latency_ms: dict[str, float] = field(default_factory=dict)  # measured when it was built
@@ -92,8 +93,19 @@ def _build(
     spec: ir.Spec, out: Path, fail_under: dict[str, float], log: Callable[[str], None]
 ) -> Outcome:
     spec_dir = Path(spec.path).resolve().parent
+    specs = [Path(path).resolve() for path in spec.files]
     action = buildcache.action_key(spec)
     start = time.perf_counter()
+    if content_cache_enabled():
+        with locked(out, log):
+            current = _staleness(spec, out) is None
+            if current:  # nothing to do but tell build tools the folder is new enough
+                os.utime(out / MANIFEST)
+        if current:
+            manifest, report = _read_build(out)
+            _fail_if_short(report, fail_under)
+            inputs = specs + [Path(os.path.normpath(spec_dir / p)) for p in manifest["inputs"]]
+            return Outcome(out, manifest, report, "up to date", {}, inputs)
     entry = buildcache.lookup(action, spec_dir) if content_cache_enabled() else None
     if entry is not None:
         with staged(out, log) as stage:
@@ -101,7 +113,6 @@ def _build(
             manifest, report = _read_build(stage)
             _fail_if_short(report, fail_under)
         log(f"restored from the cache: {time.perf_counter() - start:.2f} s")
-        specs = [Path(path).resolve() for path in spec.files]
         inputs = specs + [Path(os.path.normpath(spec_dir / path)) for path in entry.inputs]
         seconds = {"restore": time.perf_counter() - start}
         return Outcome(out, manifest, report, "hit", seconds, inputs, entry.latency_ms)
@@ -132,25 +143,31 @@ def _fail_if_short(report: dict[str, Any], fail_under: dict[str, float]) -> None
 
 
 def up_to_date(spec_path: str | Path, out_dir: str) -> tuple[bool, str]:
-    """Whether `out_dir` holds the build the spec would give now, and why not: a changed spec
-    or tool, a changed or deleted input, or a changed file in the folder. Writes nothing."""
+    """Whether `out_dir` holds the build the spec would give now, and why not. Writes
+    nothing, loads no model."""
     spec, _ = _spec(spec_path)
-    out = output_folder(out_dir)
+    stale = _staleness(spec, output_folder(out_dir))
+    return stale is None, stale or f"{out_dir} is up to date"
+
+
+def _staleness(spec: ir.Spec, out: Path) -> str | None:
+    """Why `out` is not the build the spec would give now (a changed spec or tool, a changed
+    or deleted input, a changed file in the folder), or None when it is."""
     try:
         manifest = read_manifest(out)
     except (OSError, ValueError):
-        return False, f"{out_dir} holds no build"
+        return f"{out} holds no build"
     if manifest.get("build", {}).get("key") != buildcache.action_key(spec):
-        return False, "the spec, qspec or a tool changed since the build"
+        return "the spec, qspec or a tool changed since the build"
     spec_dir = Path(spec.path).resolve().parent
     changed = buildcache.changed_inputs(manifest.get("inputs", {}), spec_dir)
     if changed:
-        return False, "inputs changed: " + ", ".join(changed)
+        return "inputs changed: " + ", ".join(changed)
     for name, digest in manifest.get("files", {}).items():
         path = out / name
         if not path.is_file() or sha256_file(path) != digest:
-            return False, f"{path} was changed or removed"
-    return True, f"{out_dir} is up to date"
+            return f"{path} was changed or removed"
+    return None
 
 
 def _check_depfile(depfile: Path, out: Path) -> None:

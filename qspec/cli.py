@@ -373,6 +373,8 @@ def run_compile(args: argparse.Namespace) -> int:
         print(json.dumps(machine_summary(outcome), indent=1))
     else:
         print(summary(outcome.manifest, outcome.report, outcome.latency_ms))
+        if outcome.cache == "up to date":
+            print(f"{args.output} was up to date: nothing done")
         if outcome.cache == "hit":
             print(
                 f"restored from the cache in {outcome.timings['restore']:.2f} s "

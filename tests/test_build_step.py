@@ -300,14 +300,32 @@ def test_a_cache_hit_restores_without_torch(project: Path, tmp_path: Path):
     }
 
 
+def test_an_up_to_date_folder_is_left_alone(project: Path, tmp_path: Path, capsys):
+    out = tmp_path / "b"
+    assert compile_(project, str(out)) == 0
+    assert main(["cache", "clear"]) == 0  # not even the cache is needed
+    before = snapshot(out)
+    (project / "imported.marker").unlink()
+    capsys.readouterr()
+    assert compile_(project, str(out), "--json", "--depfile", str(tmp_path / "b.d")) == 0
+    assert json.loads(capsys.readouterr().out)["cache"] == "up to date"
+    after = snapshot(out)
+    assert after.pop("manifest.json")[1] >= before.pop("manifest.json")[1]  # refreshed
+    assert after == before
+    assert not (project / "imported.marker").exists()  # no user code ran
+    assert "weights.safetensors" in (tmp_path / "b.d").read_text()
+
+
 def test_a_corrupt_cache_entry_is_rebuilt(project: Path, tmp_path: Path, capsys):
     assert compile_(project, str(tmp_path / "b"), "--json") == 0
     capsys.readouterr()
     (entry,) = [folder for folder, _, _ in buildcache.entries()]
     (entry / "files" / "model.onnx").write_bytes(b"not the model")
+    shutil.rmtree(tmp_path / "b")
     assert compile_(project, str(tmp_path / "b"), "--json") == 0
     assert json.loads(capsys.readouterr().out)["cache"] == "miss"
     assert (tmp_path / "b" / "model.onnx").read_bytes() != b"not the model"
+    shutil.rmtree(tmp_path / "b")
     assert compile_(project, str(tmp_path / "b"), "--json") == 0
     assert json.loads(capsys.readouterr().out)["cache"] == "hit"
 
