@@ -6,6 +6,10 @@ statistics of earlier passes and returns the state updated. Passes never import 
 In sequential mode the driver runs the whole pipeline once per block of layers (`state.scope`),
 and substitutes each finished block's compressed weights into `state.working`, so the next
 block is calibrated on the inputs it will see in the compressed model.
+
+With a `LayerCache`, calibration keys each layer's statistics by `state.working_digest` (what
+has been written into `working`), and the compressing passes are skipped for every layer whose
+result is cached (`passes.reuse`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 import torch
 
 from qspec.compiler.capture import Graph, Layer, unmatrix, weight_of
+from qspec.compiler.layercache import LayerCache, digest
 from qspec.compiler.qmodel import QModel
 from qspec.compiler.resolve import LayerPlan, Plan
 from qspec.compiler.source import CalibrationData
@@ -73,6 +78,9 @@ class State:
     masks: dict[str, np.ndarray] = field(default_factory=dict)  # bool [rows, cols], True = kept
     qmodel: QModel = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    cache: LayerCache | None = None  # None: compute everything (`--no-cache`)
+    working_digest: str = ""  # of the compressed layers written into `working` ("": none)
+    pending: dict[str, str] = field(default_factory=dict)  # layer -> cache key of its result
 
     @classmethod
     def start(
@@ -83,11 +91,12 @@ class State:
         calibration: CalibrationData,
         *,
         sequential: bool = False,
+        cache: LayerCache | None = None,
     ) -> State:
         """A fresh state. Sequential runs calibrate on a copy of the model into which each
         finished block's compressed weights are written; others on the float model itself."""
         working = copy.deepcopy(graph.module) if sequential else graph.module
-        return cls(spec, graph, plan, calibration, working)
+        return cls(spec, graph, plan, calibration, working, cache=cache)
 
     def for_layer(self, name: str, plan: LayerPlan) -> State:
         """A state for one layer compressed under `plan`, on the statistics already held."""
@@ -98,6 +107,7 @@ class State:
             self.calibration,
             self.working,
             stats={name: self.stats[name]},
+            cache=self.cache,
         )
 
     def in_scope(self, name: str) -> bool:
@@ -147,16 +157,22 @@ def blocks_of(state: State) -> list[tuple[str, tuple[str, ...]]]:
 
 
 def substitute(state: State, names: Sequence[str]) -> None:
-    """Put the compressed layers' effective weights (and corrected biases) into `working`."""
+    """Put the compressed layers' effective weights (and corrected biases) into `working`, and
+    fold what was written into `state.working_digest`."""
     modules = dict(state.working.named_modules())
     for name in names:
         compressed = state.qmodel.get(name)
         if compressed is None:
             continue
-        assign_weight(modules[name], compressed.layer, compressed.effective_weight())
+        weight = compressed.effective_weight()
+        assign_weight(modules[name], compressed.layer, weight)
+        bias = None
         if compressed.bias is not None and getattr(modules[name], "bias", None) is not None:
+            bias = compressed.bias
             with torch.no_grad():
-                modules[name].bias.copy_(torch.from_numpy(compressed.bias))
+                modules[name].bias.copy_(torch.from_numpy(bias))
+        if state.cache is not None:
+            state.working_digest = digest(state.working_digest, name, weight, bias)
 
 
 def assign_weight(module: torch.nn.Module, layer: Layer, weight: np.ndarray) -> None:

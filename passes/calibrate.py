@@ -5,19 +5,27 @@ methods need it (`methods.needs_hessian`: GPTQ, search, Wanda, SparseGPT, EoRA, 
 
 In sequential mode the model is `state.working`, in which earlier blocks are already compressed,
 so block i+1 is calibrated on the inputs it will really see (as GPTQ and SparseGPT do).
+
+With a cache, a layer's statistics are keyed by the model, the data, the layer and what has been
+written into `working` (`state.working_digest`); the model runs only for the layers without an
+entry, and stops as soon as the last of them has seen each batch. An entry with XᵀX also serves
+a layer that does not need it (the other statistics are the same).
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+from functools import partial
 from typing import cast
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from qspec.compiler.capture import Layer
+from qspec.compiler.layercache import Entry
 from qspec.compiler.state import LayerStats, State
 from qspec.passes.methods import needs_hessian
 
@@ -56,7 +64,9 @@ class _Done(Exception):
 
 def run(state: State) -> State:
     plans = {n: p for n, p in state.plan.layers.items() if p.compressed or p.bias_correction}
-    scope = [n for n in (state.scope or plans) if n in plans]
+    wanted = plans if state.scope is None else state.scope
+    missing = _reuse(state, [name for name in wanted if name in plans])
+    scope = list(missing)
     if not scope:
         return state
     module = state.working
@@ -90,7 +100,62 @@ def run(state: State) -> State:
             handle.remove()
         _progress(state, len(batches), len(batches))
     state.stats.update(stats)
+    if state.cache is not None:
+        for name in scope:
+            state.cache.save("stats", missing[name], _entry(stats[name]))
     return state
+
+
+def _reuse(state: State, scope: list[str]) -> dict[str, str]:
+    """Put the cached statistics of the layers in scope into `state.stats`; the layers left to
+    measure, with their cache keys ("" without a cache)."""
+    cache = state.cache
+    if cache is None:
+        return dict.fromkeys(scope, "")
+    missing = {}
+    for name in scope:
+        key = cache.key("stats", state.working_digest, name)
+        layer, second_moment = state.graph.layers[name], needs_hessian(state.plan.layers[name])
+        stats = cache.load("stats", key, name, partial(_stats, layer=layer, xtx=second_moment))
+        if stats is None:
+            missing[name] = key
+        else:
+            state.stats[name] = stats
+    return missing
+
+
+def _entry(stats: LayerStats) -> Entry:
+    arrays = {"input_sum": stats.input_sum, "xtx": stats.xtx}
+    meta = {
+        "samples": stats.samples,
+        "input_min": stats.input_min,
+        "input_max": stats.input_max,
+        "output_min": stats.output_min,
+        "output_max": stats.output_max,
+        "xtx": stats.xtx is not None,
+    }
+    return Entry(meta, {name: array for name, array in arrays.items() if array is not None})
+
+
+def _stats(entry: Entry, layer: Layer, xtx: bool) -> LayerStats:
+    """The statistics of an entry, without XᵀX when the layer does not need it (as measuring
+    would leave them: the rest is accumulated alike either way); ValueError when the entry
+    lacks XᵀX the layer needs, or its arrays do not fit the layer."""
+    meta, arrays = entry.meta, entry.arrays
+    if xtx and not meta["xtx"]:
+        raise ValueError("measured without XᵀX")
+    for name, shape in (("input_sum", (layer.cols,)), ("xtx", (layer.cols, layer.cols))):
+        if name in arrays and (arrays[name].shape, arrays[name].dtype) != (shape, np.float64):
+            raise ValueError(f"{name} of another shape")
+    return LayerStats(
+        samples=meta["samples"],
+        input_min=meta["input_min"],
+        input_max=meta["input_max"],
+        output_min=meta["output_min"],
+        output_max=meta["output_max"],
+        input_sum=arrays.get("input_sum"),
+        xtx=arrays.get("xtx") if xtx else None,
+    )
 
 
 def _accumulate(stats: LayerStats, layer: Layer, module, x, output, second_moment: bool) -> None:

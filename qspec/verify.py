@@ -9,12 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from qspec.compiler.capture import primary_tensor
+from qspec.compiler.layercache import Entry, module_digest, open_module_cache, source_digest
 from qspec.compiler.source import Batch
+
+# The cache's kinds for the float model's outputs and each layer's errors, and the code that
+# computes them besides the stages every key covers.
+REFERENCE, LAYER_ERROR = "reference", "layer-error"
+_SOURCE = Path(__file__).read_bytes()
 
 
 @dataclass(frozen=True)
@@ -75,19 +83,66 @@ def end_to_end(
     holdout: Sequence[Batch],
     labels: Sequence[torch.Tensor] | None,
 ) -> Fidelity:
-    reference, candidate = [], []
-    with torch.no_grad():
-        for batch in holdout:
-            reference.append(primary_output(module(**batch)))
-            candidate.append(run_artifact(batch))
+    candidate = [run_artifact(batch) for batch in holdout]
     truth = [t.numpy() for t in labels] if labels else None
-    return compare(reference, candidate, truth)
+    return compare(reference_outputs(module, holdout), candidate, truth)
+
+
+def reference_outputs(module: torch.nn.Module, holdout: Sequence[Batch]) -> list[np.ndarray]:
+    """The float model's outputs, cached by content: every target compares against them."""
+    cache = open_module_cache(module, holdout)
+    if cache is None:
+        return _run_float(module, holdout)
+    key = cache.key(REFERENCE, _SOURCE)
+    found = cache.load(REFERENCE, key, "float model", partial(_outputs, count=len(holdout)))
+    if found is None:
+        found = _run_float(module, holdout)
+        cache.save(REFERENCE, key, Entry({}, {str(i): out for i, out in enumerate(found)}))
+    return found
+
+
+def _run_float(module: torch.nn.Module, holdout: Sequence[Batch]) -> list[np.ndarray]:
+    with torch.no_grad():
+        return [primary_output(module(**batch)) for batch in holdout]
+
+
+def _outputs(entry: Entry, count: int) -> list[np.ndarray]:
+    return [entry.arrays[str(i)] for i in range(count)]
 
 
 def per_layer(
     module: torch.nn.Module, lowered: dict[str, torch.nn.Module], holdout: Sequence[Batch]
 ) -> dict[str, dict[str, float]]:
-    """Relative output error and SNR of each lowered layer on the float model's layer inputs."""
+    """Relative output error and SNR of each lowered layer on the float model's layer inputs,
+    each cached by content (the float model and data, the lowered layer and its backend's
+    code): only the layers not cached run."""
+    cache = open_module_cache(module, holdout)
+    errors: dict[str, dict[str, float]] = {}
+    keys: dict[str, str] = {}
+    if cache is not None:
+        code = source_digest("backends")
+        for name, layer in lowered.items():
+            keys[name] = cache.key(LAYER_ERROR, name, module_digest(layer), code, _SOURCE)
+            found = cache.load(LAYER_ERROR, keys[name], name, _layer_error)
+            if found is not None:
+                errors[name] = found
+    measured = _per_layer(module, {n: m for n, m in lowered.items() if n not in errors}, holdout)
+    if cache is not None:
+        for name, error in measured.items():
+            cache.save(LAYER_ERROR, keys[name], Entry(error))
+    errors |= measured
+    return {name: errors[name] for name in lowered}
+
+
+def _layer_error(entry: Entry) -> dict[str, float]:
+    return {"relative_error": entry.meta["relative_error"], "snr_db": entry.meta["snr_db"]}
+
+
+def _per_layer(
+    module: torch.nn.Module, lowered: dict[str, torch.nn.Module], holdout: Sequence[Batch]
+) -> dict[str, dict[str, float]]:
+    if not lowered:
+        return {}
     noise = dict.fromkeys(lowered, 0.0)
     signal = dict.fromkeys(lowered, 0.0)
     hooks = []

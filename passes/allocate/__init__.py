@@ -22,6 +22,7 @@ import numpy as np
 
 from qspec.compiler.costs import CostModel
 from qspec.compiler.errors import InfeasibleBudget, UserError
+from qspec.compiler.layercache import Entry, cost_model
 from qspec.compiler.qmodel import float_param_bytes
 from qspec.compiler.resolve import Plan
 from qspec.compiler.source import Batch
@@ -39,6 +40,8 @@ from qspec.passes.allocate.sensitivity import (
     stand_in,
 )
 from qspec.passes.allocate.stitch import Stitched
+
+FIXED = "fixed"  # the cache's kind for the costs of what does not choose
 
 
 @dataclass
@@ -160,7 +163,28 @@ def _fixed_costs(
 ) -> dict[str, float]:
     """Every metric's total over what does not choose. Size and latency are measured on an
     artifact emitted with the other layers compressed as planned (rounded to nearest: bytes
-    and speed do not depend on the values) and the choosing ones left in float."""
+    and speed do not depend on the values) and the choosing ones left in float. Without
+    latency, the totals are cached by content: a measured time is not a function of its key."""
+    cache = state.cache
+    if cache is None or "latency" in metrics:
+        return _measure_fixed(state, names, metrics, costs, batch)
+    target = state.spec.targets[0] if state.spec.targets else None
+    parts = (state.plan.layers, list(names), sorted(metrics), target, cost_model(costs))
+    key = cache.key(FIXED, *parts)
+    fixed = cache.load(FIXED, key, "fixed costs", lambda entry: dict(entry.meta))
+    if fixed is None:
+        fixed = _measure_fixed(state, names, metrics, costs, batch)
+        cache.save(FIXED, key, Entry(fixed))
+    return fixed
+
+
+def _measure_fixed(
+    state: State,
+    names: Sequence[str],
+    metrics: set[str],
+    costs: CostModel,
+    batch: Batch | None,
+) -> dict[str, float]:
     graph, plan = state.graph, state.plan
     fixed: dict[str, float] = {}
     others = {

@@ -21,18 +21,21 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cache as once
+from functools import partial
 
 import numpy as np
 import torch
 
 from qspec.compiler.capture import Graph, float_matrix, primary_tensor, weight_of
 from qspec.compiler.costs import CostModel
+from qspec.compiler.layercache import Entry, cost_model
 from qspec.compiler.numerics import quantize
 from qspec.compiler.qmodel import CompressedLayer, float_param_bytes
 from qspec.compiler.resolve import LayerPlan
 from qspec.compiler.source import Batch
 from qspec.compiler.state import State, run_passes
-from qspec.passes import PIPELINE, calibrate
+from qspec.passes import PIPELINE, calibrate, reuse
 from qspec.passes.allocate.budgets import bops, weight_bits
 from qspec.passes.allocate.stitch import Stitched
 from qspec.passes.obs import output_error
@@ -40,6 +43,7 @@ from qspec.passes.obs import output_error
 METRIC_SAMPLES = 64  # calibration rows per end-to-end measurement of `sensitivity metric`
 HUTCHINSON_PROBES = 8
 HUTCHINSON_ROWS = 8
+OPTION = "option"  # the cache's kind for a candidate's error and costs
 
 
 @dataclass
@@ -69,13 +73,14 @@ def measure(
     log: Callable[[str], None],
 ) -> Sensitivity:
     """Compress every choosing layer with each of its candidates and measure them. With
-    `latency_shapes` (layer -> input shape of the latency batch) latency is measured too."""
+    `latency_shapes` (layer -> input shape of the latency batch) latency is measured too.
+    With a cache, each candidate's error and costs are cached by content (`_option_key`)."""
     start = time.perf_counter()
     choosing = tuple(n for n, p in state.plan.layers.items() if p.candidates)
     state = run_passes(state, [("calibrate", calibrate.run)], scope=choosing)
     float_module = state.graph.module
-    score = _scorer(state, how)
-    traces = _gauss_newton_traces(state, choosing) if how == "hessian" else {}
+    score = once(partial(_scorer, state, how))  # built when an error is first measured
+    traces = _traces(state, choosing) if how == "hessian" else {}
     options: dict[str, list[Option]] = {}
     for index, name in enumerate(choosing):
         log(f"sensitivity: {name} ({index + 1}/{len(choosing)})")
@@ -88,19 +93,66 @@ def measure(
             plan = layer_plan.choose(candidate)
             compressed = compress(state, name, plan)
             weight = original if compressed is None else compressed.effective_weight()
-            delta = original - weight
-            if how == "hessian":
-                error = traces[name] * float((delta * delta).sum())
-            elif how == "metric":
-                error = score(name, weight)
-            else:
-                error = output_error(delta, hessian)
-            spent = layer_costs(plan, compressed, module, costs)
+            key = _option_key(state, name, plan, how, costs, traces.get(name))
+            found = None if key is None else _load_option(state, key, name)
+            if found is None:
+                delta = original - weight
+                if how == "hessian":
+                    error = traces[name] * float((delta * delta).sum())
+                elif how == "metric":
+                    error = score()(name, weight)
+                else:
+                    error = output_error(delta, hessian)
+                found = error, layer_costs(plan, compressed, module, costs)
+                if key is not None:
+                    _save_option(state, key, found)
+            error, spent = found[0], dict(found[1])
             if latency_shapes is not None:
                 shape = latency_shapes[name]
                 spent["latency"] = latency_delta(plan, compressed, module, shape, costs)
             options[name].append(Option(plan, candidate.describe(), error, spent, weight))
     return Sensitivity(options, how, time.perf_counter() - start)
+
+
+def _option_key(
+    state: State, name: str, plan: LayerPlan, how: str, costs: CostModel, trace: float | None
+) -> str | None:
+    """What decides a candidate's error and costs: the layer's own key under the candidate's
+    plan (weights, plan), its statistics (XᵀX weighs the error even where the plan's methods
+    ignore it), the measure and the cost model. None without a cache, and for the scores of an
+    `evaluate` entry: user code may read what no key sees."""
+    if state.cache is None or (how == "metric" and state.spec.evaluate is not None):
+        return None
+    layer = reuse.key(state, name, plan)
+    return state.cache.key(OPTION, layer, state.stats[name], how, cost_model(costs), trace)
+
+
+def _load_option(state: State, key: str, name: str) -> tuple[float, dict[str, float]] | None:
+    def decode(entry: Entry) -> tuple[float, dict[str, float]]:
+        spent = entry.meta["costs"]
+        return float(entry.meta["error"]), {metric: float(spent[metric]) for metric in spent}
+
+    assert state.cache is not None
+    return state.cache.load(OPTION, key, name, decode)
+
+
+def _save_option(state: State, key: str, found: tuple[float, dict[str, float]]) -> None:
+    assert state.cache is not None
+    state.cache.save(OPTION, key, Entry({"error": found[0], "costs": found[1]}))
+
+
+def _traces(state: State, names: Sequence[str]) -> dict[str, float]:
+    """`_gauss_newton_traces`, cached by content (model and data are in every key)."""
+    if state.cache is None:
+        return _gauss_newton_traces(state, names)
+    key = state.cache.key("traces", names, HUTCHINSON_PROBES, HUTCHINSON_ROWS)
+    found = state.cache.load(
+        "traces", key, "gauss-newton", lambda entry: {n: float(entry.meta[n]) for n in names}
+    )
+    if found is None:
+        found = _gauss_newton_traces(state, names)
+        state.cache.save("traces", key, Entry(found))
+    return found
 
 
 def compress(state: State, name: str, plan: LayerPlan) -> CompressedLayer | None:
