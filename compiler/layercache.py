@@ -16,6 +16,7 @@ file renamed into place; a folder that cannot be written caches nothing and fail
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -73,6 +74,9 @@ class LayerCache:
         except (KeyError, TypeError, ValueError):
             value = None
         (self.reused if value is not None else self.computed)[kind].append(name)
+        if value is not None:  # a use, for the cache's least-recently-used eviction
+            with contextlib.suppress(OSError):
+                os.utime(self._path(kind, key).with_suffix(".json"))
         return value
 
     def save(self, kind: str, key: str, entry: Entry) -> None:

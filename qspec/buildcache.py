@@ -241,19 +241,36 @@ def entries() -> list[tuple[Path, int, float]]:
     return found
 
 
+def layer_entries() -> list[tuple[Path, int, float]]:
+    """Every per-layer result (`compiler.layercache`: a `.safetensors` file and its `.json`
+    record, touched on each use) with its size and when it was last used."""
+    found = []
+    for record in (cache_dir() / "layers").glob("*/*/*.json"):
+        payload = record.with_suffix(".safetensors")
+        with contextlib.suppress(OSError):
+            size = record.stat().st_size + payload.stat().st_size
+            found.append((payload, size, record.stat().st_mtime))
+    return found
+
+
 def evict(budget: int) -> list[Path]:
-    """Remove least recently used entries until the builds fit in `budget` bytes."""
+    """Remove the least recently used builds and per-layer results until the cache fits in
+    `budget` bytes."""
     removed = []
-    listed = sorted(entries(), key=lambda e: e[2])
+    listed = sorted([*entries(), *layer_entries()], key=lambda entry: entry[2])
     total = sum(size for _, size, _ in listed)
-    for folder, size, _ in listed:
+    for path, size, _ in listed:
         if total <= budget:
             break
-        shutil.rmtree(folder, ignore_errors=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # the spec's folder of entries, once empty
+        else:
+            path.with_suffix(".json").unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
         total -= size
-        removed.append(folder)
-        if not any(folder.parent.iterdir()):
-            folder.parent.rmdir()
+        removed.append(path)
     return removed
 
 
@@ -275,6 +292,7 @@ def info() -> dict[str, Any]:
     return {
         "folder": str(folder),
         "builds": len(listed),
+        "layer_results": len(layer_entries()),
         "bytes": parts,
         "total_bytes": sum(parts.values()),
         "limit_bytes": limit(),

@@ -460,6 +460,7 @@ def run_cache(args: argparse.Namespace) -> int:
     info = buildcache.info()
     print(f"folder: {info['folder']}")
     print(f"builds: {info['builds']} (least recently used: {info['least_recently_used']})")
+    print(f"per-layer results: {info['layer_results']}")
     for name, size in info["bytes"].items():
         print(f"  {name}: {size / 1e6:.1f} MB")
     print(f"total: {info['total_bytes'] / 1e6:.1f} MB of {info['limit_bytes'] / 1e9:.1f} GB")

@@ -349,9 +349,16 @@ def test_cache_location_limit_and_clear(project: Path, tmp_path: Path, monkeypat
     (chosen / "user-file.txt").write_text("not qspec's")
     assert main(["cache", "info", "--cache-dir", str(chosen)]) == 0
     assert "builds: 1" in capsys.readouterr().out
+    monkeypatch.setenv("QSPEC_CACHE_DIR", str(chosen))
+    assert buildcache.layer_entries()  # the passes' per-layer results
+    used = {path for path, _, _ in buildcache.layer_entries()}
     monkeypatch.setenv("QSPEC_CACHE_SIZE", "1K")
-    assert compile_(project, str(tmp_path / "c"), "--cache-dir", str(chosen), "--no-cache") == 0
-    buildcache.evict(buildcache.limit())
+    assert buildcache.limit() == 1024
+    assert buildcache.evict(buildcache.limit())
+    assert not buildcache.entries() and not buildcache.layer_entries()
+    assert all(not path.exists() for path in used)
+    monkeypatch.setenv("QSPEC_CACHE_SIZE", "5G")
+    assert compile_(project, str(tmp_path / "c"), "--cache-dir", str(chosen)) == 0
     assert main(["cache", "clear", "--cache-dir", str(chosen)]) == 0
     assert not (chosen / "builds").exists() and (chosen / "user-file.txt").exists()
 
