@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -136,10 +137,15 @@ def locked(out_dir: Path, log: Callable[[str], None] = lambda _: None) -> Iterat
 def _recover(out_dir: Path) -> None:
     """Under the lock no other build is running: leftovers are from killed ones. A previous
     build caught between the two renames goes back into place; staging folders go."""
-    parent, name = out_dir.parent, out_dir.name
-    for stale in parent.glob(f".{name}.building-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    retired = sorted(parent.glob(f".{name}.old-*"), key=lambda p: p.stat().st_mtime)
+    parent, name = out_dir.parent, re.escape(out_dir.name)
+    ours = re.compile(rf"\.{name}\.(building-[a-z0-9_]{{8}}|old-[0-9]+)")  # as named below
+    leftovers = [path for path in parent.iterdir() if ours.fullmatch(path.name) and path.is_dir()]
+    for stale in leftovers:
+        if ".building-" in stale.name:
+            shutil.rmtree(stale, ignore_errors=True)
+    retired = sorted(
+        (path for path in leftovers if ".old-" in path.name), key=lambda p: p.stat().st_mtime
+    )
     if retired and not out_dir.exists():
         os.replace(retired.pop(), out_dir)
     for old in retired:

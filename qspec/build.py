@@ -171,11 +171,27 @@ def _staleness(spec: ir.Spec, out: Path) -> str | None:
 
 
 def _check_depfile(depfile: Path, out: Path) -> None:
+    """The depfile must be outside the build folder and, if it exists, one qspec wrote."""
     if depfile.resolve().is_relative_to(out.resolve()):
         raise UserError(
             f"--depfile {depfile} is inside the build folder, which a build replaces",
             help=f"write it beside the folder: --depfile {out}.d",
         )
+    if depfile.exists() and not _is_depfile(depfile):
+        raise UserError(
+            f"--depfile {depfile} exists and is not a depfile qspec wrote: it stays as it is",
+            help=f"name a new file, such as --depfile {out}.d",
+        )
+
+
+def _is_depfile(path: Path) -> bool:
+    try:
+        with path.open("rb") as handle:
+            first = handle.readline(4096)
+    except OSError:
+        return False
+    ours = first.rstrip(b" \\\r\n").endswith(MANIFEST.encode() + b":")
+    return path.is_file() and (ours or path.stat().st_size == 0)
 
 
 def _write_depfile(path: Path, target: str, inputs: Sequence[Path]) -> None:

@@ -185,7 +185,7 @@ def test_recovery_restores_a_build_parked_between_renames(tmp_path: Path):
     parked = tmp_path / ".build.old-12345"
     parked.mkdir()
     (parked / "manifest.json").write_text('{"format_version": 1}')
-    staging = tmp_path / ".build.building-abc"
+    staging = tmp_path / ".build.building-abc_1234"
     staging.mkdir()
     with locked(out):
         pass
@@ -239,6 +239,26 @@ def test_depfile_lists_every_input_escaped(project: Path, tmp_path: Path, monkey
 def test_depfile_inside_the_build_is_refused(project: Path, tmp_path: Path, capsys):
     assert compile_(project, str(tmp_path / "b"), "--depfile", str(tmp_path / "b" / "d")) == 2
     assert "inside the build folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("victim", ["tiny.qspec", "model.py", "notes.txt"])
+def test_depfile_never_overwrites_a_user_file(project: Path, tmp_path: Path, victim: str, capsys):
+    (project / "notes.txt").write_text("precious")
+    before = (project / victim).read_bytes()
+    assert compile_(project, str(tmp_path / "b"), "--depfile", str(project / victim)) == 2
+    assert "is not a depfile qspec wrote" in capsys.readouterr().err
+    assert (project / victim).read_bytes() == before
+    assert not (tmp_path / "b").exists()
+
+
+def test_leftovers_are_only_what_qspec_names(tmp_path: Path):
+    """Folders that merely look like staging folders are the user's: left alone."""
+    mine = [tmp_path / ".build.building-notes", tmp_path / ".build.old-final"]
+    for folder in mine:
+        folder.mkdir()
+    with locked(tmp_path / "build"):
+        pass
+    assert all(folder.is_dir() for folder in mine)
 
 
 def test_check_follows_content(project: Path, tmp_path: Path, capsys):
