@@ -43,6 +43,8 @@ bench: install
 	$(PY) bench/onnx_minilm.py
 	$(PY) bench/allocate_minilm.py
 	$(PY) bench/tvm_minilm.py
+	$(PY) bench/cache_minilm.py
+	$(PY) bench/incremental.py --check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build bench/build *.egg-info
