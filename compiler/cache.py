@@ -11,6 +11,8 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
+from qspec.compiler.errors import UserError
+
 # What `--cache-dir` and `--no-cache` set for one compile (None: not given).
 _chosen_folder: Path | None = None
 _content_cache = True
@@ -38,6 +40,8 @@ def content_cache_enabled() -> bool:
 def cache_settings(folder: str | Path | None = None, enabled: bool = True) -> Iterator[None]:
     """`--cache-dir` and `--no-cache` for the duration of one command."""
     global _chosen_folder, _content_cache
+    if folder is not None and not str(folder).strip():
+        raise UserError("--cache-dir '' names no folder (an unset variable?)")
     before = _chosen_folder, _content_cache
     _chosen_folder = Path(folder) if folder is not None else None
     _content_cache = enabled

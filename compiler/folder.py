@@ -30,6 +30,7 @@ MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 LOCK_TIMEOUT_S = 900.0  # how long a second compile of one folder waits (QSPEC_LOCK_TIMEOUT)
 MIN_FREE_BYTES = 64 << 20  # less free space than this at the output is reported up front
+_held: set[Path] = set()  # the build folders whose lock this process holds
 
 
 def check_replaceable(out_dir: Path, keep: Sequence[Path] = ()) -> None:
@@ -99,8 +100,12 @@ def _is_build(folder: Path) -> bool:
 @contextmanager
 def locked(out_dir: Path, log: Callable[[str], None] = lambda _: None) -> Iterator[None]:
     """Hold `.DIR.lock` (an advisory lock the kernel drops when the process dies): a second
-    compile of the same folder waits for the first, up to $QSPEC_LOCK_TIMEOUT seconds."""
+    compile of the same folder waits for the first, up to $QSPEC_LOCK_TIMEOUT seconds. Holding
+    it already (a whole build step around the swap) is fine."""
     out_dir = out_dir.resolve()
+    if out_dir in _held:
+        yield
+        return
     try:
         timeout = float(os.environ.get("QSPEC_LOCK_TIMEOUT", LOCK_TIMEOUT_S))
     except ValueError:
@@ -127,10 +132,12 @@ def locked(out_dir: Path, log: Callable[[str], None] = lambda _: None) -> Iterat
                     log(f"waiting for another qspec compile of {out_dir}")
                     waiting = True
                 time.sleep(0.2)
+        _held.add(out_dir)
         try:
             _recover(out_dir)
             yield
         finally:
+            _held.discard(out_dir)
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 

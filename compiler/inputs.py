@@ -9,17 +9,19 @@ exported program). The rest are found while the spec's Python entries run:
   packages ship weights);
 - safetensors files, which Rust opens where no audit hook sees it: `safetensors.safe_open` is
   wrapped while the entries run;
-- every file of a Hugging Face folder whose `config.json` was read (its tokenizer files are read
-  by Rust as well).
+- the weights, configuration and tokenizer files of a Hugging Face folder whose `config.json`
+  (naming a `model_type`) was read: its tokenizer files are read by Rust as well.
 Files read by other native code are not seen: a build rule lists them itself (DEPENDS).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import sysconfig
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,9 +30,27 @@ from typing import Any
 ENTRY_PREFIX = "qspec_user_"  # how compiler.source names the modules of entry files
 CODE_SUFFIXES = {".py", ".pyc", ".pyi", ".pyd", ".so", ".pth"}
 SYSTEM_ROOTS = tuple(map(Path, ("/proc", "/sys", "/dev", "/etc", "/lib", "/lib64", "/usr/lib")))
+HF_FILES = {
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+}
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf"}
 
-_recording: list[set[Path]] = []  # the sets that the hooks below add to, innermost last
+# What the hooks below note, innermost recording last: each file with its state when first read.
+_recording: list[dict[Path, FileState]] = []
 # Modules that entries imported while a recording ran: a later build in the same process (the
 # Python API) finds them already imported, and still depends on them. (Two projects compiled in
 # one process thus list each other's helper modules: more rebuilds, never fewer.) The entry
@@ -46,6 +66,22 @@ def _library_roots() -> tuple[Path, ...]:
     return tuple(Path(root).resolve() for root in roots)
 
 
+FileState = tuple[int, int] | None  # (mtime in ns, size); None: not there
+
+
+def file_state(path: Path) -> FileState:
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+def _note(path: Path) -> None:
+    if path not in _recording[-1]:
+        _recording[-1][path] = file_state(path)
+
+
 def _audit(event: str, args: tuple[Any, ...]) -> None:
     """The interpreter's audit hook (installed once, for good): note files opened to be read."""
     if event != "open" or not _recording:
@@ -57,7 +93,7 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
         mode is None and flags & (os.O_WRONLY | os.O_RDWR)
     )
     if not writing:
-        _recording[-1].add(Path(os.fsdecode(path)))
+        _note(Path(os.fsdecode(path)))
 
 
 def _track_safetensors() -> Callable[[], None]:
@@ -72,7 +108,7 @@ def _track_safetensors() -> Callable[[], None]:
 
     def noting_safe_open(filename: Any, *args: Any, **kwargs: Any) -> Any:
         if _recording:
-            _recording[-1].add(Path(os.fsdecode(filename)))
+            _note(Path(os.fsdecode(filename)))
         return real(filename, *args, **kwargs)
 
     def point_at(old: Any, new: Any) -> None:
@@ -88,8 +124,23 @@ class Recording:
     """The files read since it began: data files opened, and user modules imported."""
 
     def __init__(self) -> None:
-        self.opened: set[Path] = set()
+        self.opened: dict[Path, FileState] = {}
         self.modules_before = set(sys.modules)
+        self.started_ns = time.time_ns()
+
+    def changed(self, inputs: Iterable[Path]) -> list[Path]:
+        """The inputs that changed since the build read them (or, for those it did not see
+        being read, since it began): a build of such inputs belongs to no version of them."""
+        states = {path.resolve(): state for path, state in self.opened.items()}
+        found = []
+        for path in inputs:
+            now = file_state(path)
+            if path in states:
+                if now != states[path]:
+                    found.append(path)
+            elif now is None or now[0] > self.started_ns:
+                found.append(path)
+        return found
 
     def modules(self) -> set[Path]:
         new = set(sys.modules) - self.modules_before
@@ -157,16 +208,21 @@ def build_inputs(read: Iterable[Path], named: Iterable[Path]) -> list[Path]:
 
 
 def _is_model_folder(folder: Path) -> bool:
-    return any(path.suffix in WEIGHT_SUFFIXES for path in folder.iterdir())
+    """A Hugging Face model folder: its config.json names a `model_type`."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "model_type" in config
 
 
 def _folder_files(folder: Path) -> set[Path]:
-    """A model folder's files, without hidden ones and caches."""
+    """The files of a Hugging Face model folder that loading it may read (weights, configs,
+    tokenizer files), not whatever else lives there."""
     return {
         path.resolve()
-        for path in folder.rglob("*")
-        if path.is_file()
-        and not any(part.startswith(".") or part == "__pycache__" for part in path.parts)
+        for path in folder.iterdir()
+        if path.is_file() and (path.suffix in WEIGHT_SUFFIXES or path.name in HF_FILES)
     }
 
 

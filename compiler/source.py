@@ -13,7 +13,8 @@ import itertools
 import os
 import sys
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -100,7 +101,7 @@ def _check_model_result(result: Any, word: ir.Word) -> tuple[torch.nn.Module, Ba
 
 def name_inputs(module: torch.nn.Module, inputs: Any, word: ir.Word) -> Batch:
     """Example inputs as a dict keyed by the forward() parameter names."""
-    if isinstance(inputs, torch.Tensor):
+    if isinstance(inputs, torch.Tensor | np.ndarray):
         inputs = (inputs,)
     if isinstance(inputs, Mapping):
         named = dict(inputs)
@@ -118,6 +119,10 @@ def name_inputs(module: torch.nn.Module, inputs: Any, word: ir.Word) -> Batch:
             word.span,
             expected="a tuple or dict of tensors",
         )
+    named = {
+        name: torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+        for name, value in named.items()
+    }
     for name, value in named.items():
         if not isinstance(value, torch.Tensor):
             raise UserError(
@@ -276,7 +281,7 @@ def load_calibration(
     if source.text.endswith((".npz", ".safetensors")):
         items = _array_batches(source)
     else:
-        items = ((batch, None) for batch in call_entry(source, "calibration entry"))
+        items = _entry_batches(source)
     head: list[Batch] = []
     tail: deque[tuple[Batch, torch.Tensor | None]] = deque()
     seen = tail_rows = 0
@@ -323,6 +328,20 @@ def _try_batch(model: LoadedModel, batch: Batch, word: ir.Word) -> None:
             help="an exported program needs dynamic shapes for a batch size other than its "
             "example's: torch.export.export(..., dynamic_shapes=...)",
         ) from error
+
+
+def _entry_batches(word: ir.Word) -> Iterator[tuple[Any, None]]:
+    """The calibration entry's batches; what its code raises while it yields them is the
+    entry's error, located at the calibration statement."""
+    batches = call_entry(word, "calibration entry")
+    with _on_path(resolve_path(word, word.text.rpartition(":")[0]).parent):
+        try:
+            for batch in batches:
+                yield batch, None
+        except (UserError, GeneratorExit):
+            raise
+        except (SystemExit, Exception) as error:
+            raise _failed(f"the calibration entry {word.text}", word, error) from error
 
 
 def rows_of(batch: Batch, start: int, stop: int) -> Batch:
@@ -409,14 +428,13 @@ def call_entry(word: ir.Word, what: str, *args: Any) -> Any:
             word.span,
             help=did_you_mean(function, names) or f"define {function}() in {file}",
         )
-    try:
-        return entry(*args)
-    except UserError:
-        raise
-    except Exception as error:
-        raise UserError(
-            f"the {what} {word.text} raised {type(error).__name__}: {error}", word.span
-        ) from error
+    with _on_path(resolve_path(word, file).parent):  # imports inside the entry find siblings
+        try:
+            return entry(*args)
+        except UserError:
+            raise
+        except (SystemExit, Exception) as error:
+            raise _failed(f"the {what} {word.text}", word, error) from error
 
 
 def _import_file(path: Path, word: ir.Word) -> ModuleType:
@@ -426,17 +444,31 @@ def _import_file(path: Path, word: ir.Word) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(path.parent))
     try:
-        spec.loader.exec_module(module)
-    except Exception as error:
-        raise UserError(
-            f"importing {path.name} raised {type(error).__name__}: {error}", word.span
-        ) from error
-    finally:
-        sys.path.remove(str(path.parent))
+        with _on_path(path.parent):
+            spec.loader.exec_module(module)
+    except (SystemExit, Exception) as error:
+        raise _failed(f"importing {path.name}", word, error) from error
     sys.modules[name] = module
     return module
+
+
+def _failed(what: str, word: ir.Word, error: BaseException) -> UserError:
+    """User code that raised, or called sys.exit (whose code must not become qspec's)."""
+    if isinstance(error, SystemExit):
+        return UserError(f"{what} called sys.exit({error.code!r})", word.span)
+    return UserError(f"{what} raised {type(error).__name__}: {error}", word.span)
+
+
+@contextmanager
+def _on_path(folder: Path) -> Iterator[None]:
+    """The entry's folder first on sys.path while its code runs: sibling modules import."""
+    sys.path.insert(0, str(folder))
+    try:
+        yield
+    finally:
+        with suppress(ValueError):  # the user's code may have taken it out itself
+            sys.path.remove(str(folder))
 
 
 def _existing(word: ir.Word, what: str, text: str | None = None) -> Path:

@@ -1,5 +1,3 @@
-import sys
+from qspec.cli import run
 
-from qspec.cli import main
-
-sys.exit(main())
+run()

@@ -92,20 +92,25 @@ def build(
 def _build(
     spec: ir.Spec, out: Path, fail_under: dict[str, float], log: Callable[[str], None]
 ) -> Outcome:
+    """Under the folder's lock from the first look to the cache's copy: compiles of one folder
+    take turns, and what is stored is what this compile built."""
+    with locked(out, log):
+        return _build_locked(spec, out, fail_under, log)
+
+
+def _build_locked(
+    spec: ir.Spec, out: Path, fail_under: dict[str, float], log: Callable[[str], None]
+) -> Outcome:
     spec_dir = Path(spec.path).resolve().parent
     specs = [Path(path).resolve() for path in spec.files]
     action = buildcache.action_key(spec)
     start = time.perf_counter()
-    if content_cache_enabled():
-        with locked(out, log):
-            current = _staleness(spec, out) is None
-            if current:  # nothing to do but tell build tools the folder is new enough
-                os.utime(out / MANIFEST)
-        if current:
-            manifest, report = _read_build(out)
-            _fail_if_short(report, fail_under)
-            inputs = specs + [Path(os.path.normpath(spec_dir / p)) for p in manifest["inputs"]]
-            return Outcome(out, manifest, report, "up to date", {}, inputs)
+    if content_cache_enabled() and _staleness(spec, out) is None:
+        os.utime(out / MANIFEST)  # nothing to do but tell build tools the folder is new enough
+        manifest, report = _read_build(out)
+        _fail_if_short(report, fail_under)
+        inputs = specs + [Path(os.path.normpath(spec_dir / p)) for p in manifest["inputs"]]
+        return Outcome(out, manifest, report, "up to date", {}, inputs)
     entry = buildcache.lookup(action, spec_dir) if content_cache_enabled() else None
     if entry is not None:
         with staged(out, log) as stage:
@@ -182,6 +187,12 @@ def _check_depfile(depfile: Path, out: Path) -> None:
             f"--depfile {depfile} exists and is not a depfile qspec wrote: it stays as it is",
             help=f"name a new file, such as --depfile {out}.d",
         )
+    try:  # written after the build: a place it cannot go is reported now
+        depfile.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=depfile.parent, prefix=f".{depfile.name}.probe-"):
+            pass
+    except OSError as error:
+        raise UserError(f"cannot write the depfile {depfile}: {error.strerror}") from None
 
 
 def _is_depfile(path: Path) -> bool:

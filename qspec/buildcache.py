@@ -174,12 +174,17 @@ def _inside(name: str) -> bool:
 
 
 def _files_intact(entry: Entry) -> bool:
+    """Every file hashes as the entry says, and the entry's manifest lists the same files."""
     root = entry.folder / "files"
     for name, digest in entry.files.items():
         path = root / name
         if path.is_symlink() or not path.is_file() or sha256_file(path) != digest:
             return False
-    return True
+    try:
+        listed = json.loads((root / MANIFEST).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return listed == {name: digest for name, digest in entry.files.items() if name != MANIFEST}
 
 
 def restore(entry: Entry, stage: Path) -> None:
@@ -235,7 +240,11 @@ def entries() -> list[tuple[Path, int, float]]:
     """Every build entry with its size and when it was last used."""
     found = []
     for action in _builds().glob("*"):
+        if not _HEX64.fullmatch(action.name):
+            continue
         for entry in action.glob("[0-9a-f]*"):
+            if not (_HEX64.fullmatch(entry.name) and entry.is_dir()):
+                continue
             size = sum(p.stat().st_size for p in entry.rglob("*") if p.is_file())
             found.append((entry, size, entry.stat().st_mtime))
     return found
@@ -247,6 +256,8 @@ def layer_entries() -> list[tuple[Path, int, float]]:
     found = []
     for record in (cache_dir() / "layers").glob("*/*/*.json"):
         payload = record.with_suffix(".safetensors")
+        if not (_HEX64.fullmatch(record.stem) and payload.is_file()):
+            continue
         with contextlib.suppress(OSError):
             size = record.stat().st_size + payload.stat().st_size
             found.append((payload, size, record.stat().st_mtime))
@@ -303,13 +314,37 @@ def info() -> dict[str, Any]:
 
 
 def clear() -> int:
-    """Remove what qspec wrote in the cache folder; returns the bytes freed."""
-    freed = info()["total_bytes"]
+    """Remove what qspec wrote in the cache folder, recognised by how qspec names it, and
+    nothing else (the folder may be shared); returns the bytes freed."""
     folder = cache_dir()
-    for name in OWN_NAMES:
-        path = folder / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        elif path.exists() or path.is_symlink():
-            path.unlink(missing_ok=True)
-    return int(freed)
+    ours = [path for path, _, _ in entries()]
+    ours += list((folder / "builds").glob("*/.incoming-*"))
+    for payload, _, _ in layer_entries():
+        ours += [payload, payload.with_suffix(".json")]
+    ours += [folder / "cuda-driver-stub" / "libcuda.so.1"]
+    ours += [path for path in map(folder.joinpath, MEASUREMENTS) if _json_object(path)]
+    freed = 0
+    for path in ours:
+        with contextlib.suppress(OSError):
+            if path.is_dir() and not path.is_symlink():
+                freed += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+                shutil.rmtree(path)
+            elif path.is_file():
+                freed += path.stat().st_size
+                path.unlink()
+    for parent in sorted({p.parent for p in ours}, key=lambda p: len(p.parts), reverse=True):
+        for empty in (parent, parent.parent, parent.parent.parent):
+            if empty.is_relative_to(folder) and empty != folder:
+                with contextlib.suppress(OSError):
+                    empty.rmdir()  # only when empty
+    return freed
+
+
+MEASUREMENTS = ("latency.json", "tvm-tuning.json")
+
+
+def _json_object(path: Path) -> bool:
+    try:
+        return isinstance(json.loads(path.read_text()), dict)
+    except (OSError, ValueError):
+        return False

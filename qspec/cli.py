@@ -11,7 +11,8 @@ import sys
 import tempfile
 import threading
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from qspec import __version__
@@ -47,6 +48,15 @@ class Terminated(BaseException):
 
 def _terminate(signum: int, frame: object) -> None:
     raise Terminated
+
+
+def run() -> None:
+    """The `qspec` program: once main() has its exit code, a late Ctrl-C or SIGTERM (during
+    interpreter shutdown) must not replace it with death by signal."""
+    code = main()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -365,7 +375,7 @@ def run_compile(args: argparse.Namespace) -> int:
     if args.timings:
         log = progress.and_print
     fail_under = _thresholds(args.fail_under)
-    with progress:
+    with progress, _stdout_to_stderr(args.json):
         outcome = build(
             args.spec, args.output, fail_under=fail_under, depfile=args.depfile, log=log
         )
@@ -381,6 +391,24 @@ def run_compile(args: argparse.Namespace) -> int:
                 "(latency as measured when it was built)"
             )
     return OK
+
+
+@contextmanager
+def _stdout_to_stderr(active: bool) -> Iterator[None]:
+    """With --json, stdout carries the one JSON object: what the spec's code prints (from
+    Python or from a child process) goes to stderr meanwhile."""
+    if not active:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 class Progress:

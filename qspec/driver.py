@@ -280,13 +280,20 @@ def _inputs(prepared: Prepared, own_folders: Sequence[Path]) -> list[Path]:
     """Every file the build read: what the spec names and what its entries opened, without
     what qspec itself wrote (the build folder, its staging folder, the cache)."""
     record = prepared.read
-    read, modules = (record.opened, record.modules()) if record is not None else (set(), set())
+    read, modules = (set(record.opened), record.modules()) if record else (set(), set())
     own = [folder.resolve() for folder in own_folders]
-    return [
+    inputs = [
         path
         for path in build_inputs(read, [*named_inputs(prepared.spec), *modules])
         if not any(path.is_relative_to(folder) for folder in own)
     ]
+    changed = record.changed(inputs) if record else []
+    if changed:
+        raise UserError(
+            f"{changed[0]} changed while it was being built from; the previous build stays",
+            help="compile again once the inputs are in their final state",
+        )
+    return inputs
 
 
 def _mark_choices(manifest: dict, allocation: Allocation) -> None:

@@ -397,3 +397,122 @@ def test_the_action_key_ignores_formatting_and_sees_rules(tmp_path: Path):
     assert buildcache.action_key(check_file(spec).raise_errors()) == key
     spec.write_text(HEADER + BODY.replace("int4", "int8"))
     assert buildcache.action_key(check_file(spec).raise_errors()) != key
+
+
+# ---- what a stranger found -------------------------------------------------------------------
+
+
+def test_only_hugging_face_folders_count_whole(tmp_path: Path):
+    from qspec.compiler.inputs import build_inputs
+
+    plain = tmp_path / "plain"
+    (plain / "out").mkdir(parents=True)
+    for name in ("config.json", "weights.safetensors", "notes.txt", "out/model.onnx"):
+        (plain / name).write_text("{}")
+    assert build_inputs([plain / "config.json"], []) == [plain / "config.json"]
+    (plain / "config.json").write_text('{"model_type": "bert"}')
+    (plain / "tokenizer.json").write_text("{}")
+    assert build_inputs([plain / "config.json"], []) == [
+        plain / name for name in ("config.json", "tokenizer.json", "weights.safetensors")
+    ]
+
+
+def test_an_input_changed_during_the_build_is_caught(tmp_path: Path):
+    from qspec.compiler.inputs import recording
+
+    read, named = tmp_path / "read.bin", tmp_path / "named.txt"
+    read.write_bytes(b"a")
+    named.write_text("a")
+    with recording() as record:
+        read.read_bytes()
+        assert record.changed([read.resolve(), named.resolve()]) == []
+        time.sleep(0.01)
+        read.write_bytes(b"bb")
+        named.write_text("b")
+        assert record.changed([read.resolve(), named.resolve()]) == [
+            read.resolve(),
+            named.resolve(),
+        ]
+
+
+@pytest.mark.parametrize("code", ["0", "1", "3"])
+def test_sys_exit_in_user_code_is_a_user_error(project: Path, tmp_path: Path, code: str, capsys):
+    model = project / "model.py"
+    model.write_text(
+        model.read_text().replace(
+            "def load():\n", f"def load():\n    import sys; sys.exit({code})\n"
+        )
+    )
+    assert compile_(project, str(tmp_path / "b")) == 2
+    assert f"called sys.exit({code})" in capsys.readouterr().err
+
+
+def test_entries_import_siblings_lazily_and_calibrate_on_numpy(project: Path, tmp_path: Path):
+    (project / "lazy.py").write_text("import numpy as np\nROWS = 8\n")
+    model = project / "model.py"
+    model.write_text(
+        model.read_text().replace(
+            '        yield {"ids": torch.randint(0, 50, (8, 6), generator=generator)}',
+            "        import lazy\n"
+            "        ids = torch.randint(0, 50, (lazy.ROWS, 6), generator=generator)\n"
+            '        yield {"ids": ids.numpy()}',
+        )
+    )
+    assert compile_(project, str(tmp_path / "b")) == 0
+
+
+def test_json_stdout_stays_clean_when_user_code_prints(project: Path, tmp_path: Path):
+    model = project / "model.py"
+    model.write_text(
+        model.read_text().replace(
+            "def load():\n",
+            "def load():\n    print('LOADING');  import os; os.system('echo child')\n",
+        )
+    )
+    command = [sys.executable, "-m", "qspec", "compile", str(project / "tiny.qspec")]
+    run = subprocess.run(
+        [*command, "-o", str(tmp_path / "b"), "--json"], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["cache"] == "miss"
+    assert "LOADING" in run.stderr and "child" in run.stderr
+
+
+def test_an_unwritable_depfile_is_reported_before_building(project: Path, tmp_path: Path, capsys):
+    (tmp_path / "plain").write_text("x")
+    depfile = str(tmp_path / "plain" / "b.d")
+    assert compile_(project, str(tmp_path / "b"), "--depfile", depfile) == 2
+    assert "cannot write the depfile" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists() and not (project / "imported.marker").exists()
+
+
+def test_an_entry_whose_manifest_disagrees_is_not_restored(project: Path, tmp_path: Path, capsys):
+    assert compile_(project, str(tmp_path / "b")) == 0
+    (entry,) = [folder for folder, _, _ in buildcache.entries()]
+    model = entry / "files" / "model.onnx"
+    model.write_bytes(model.read_bytes()[:-1] + b"\x00")
+    record = json.loads((entry / "entry.json").read_text())
+    record["files"]["model.onnx"] = sha256_file(model)  # re-signed, but not the manifest
+    (entry / "entry.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert compile_(project, str(tmp_path / "c"), "--json") == 0
+    assert json.loads(capsys.readouterr().out)["cache"] == "miss"
+    assert (tmp_path / "c" / "model.onnx").read_bytes() == (
+        tmp_path / "b" / "model.onnx"
+    ).read_bytes()
+
+
+def test_cache_clear_keeps_what_qspec_did_not_write(tmp_path: Path, monkeypatch, capsys):
+    cache = tmp_path / "shared"
+    monkeypatch.setenv("QSPEC_CACHE_DIR", str(cache))
+    foreign = [
+        cache / "layers" / "my_notes.txt",
+        cache / "builds" / "ci.yml",
+        cache / "latency.json",
+    ]
+    for path in foreign:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("not qspec's [")
+    assert main(["cache", "clear"]) == 0
+    assert all(path.exists() for path in foreign)
+    assert main(["cache", "clear", "--cache-dir", ""]) == 2
