@@ -86,6 +86,8 @@ def check_writable(out_dir: Path) -> None:
 
 def cannot_write(out_dir: Path, error: OSError) -> UserError:
     reason = error.strerror or str(error)
+    if error.errno == errno.EEXIST:  # a file stands where a folder on the path must be
+        reason = "a file is in the way of a folder on that path"
     return UserError(f"cannot write {out_dir}: {reason}", help="choose another output folder")
 
 

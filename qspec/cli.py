@@ -487,11 +487,12 @@ def run_cache(args: argparse.Namespace) -> int:
         return OK
     info = buildcache.info()
     print(f"folder: {info['folder']}")
-    print(f"builds: {info['builds']} (least recently used: {info['least_recently_used']})")
+    used = info["least_recently_used"]
+    print(f"builds: {info['builds']}" + (f" (least recently used: {used})" if used else ""))
     print(f"per-layer results: {info['layer_results']}")
     for name, size in info["bytes"].items():
         print(f"  {name}: {size / 1e6:.1f} MB")
-    print(f"total: {info['total_bytes'] / 1e6:.1f} MB of {info['limit_bytes'] / 1e9:.1f} GB")
+    print(f"total: {info['total_bytes'] / 2**20:.1f} MiB of {info['limit_bytes'] / 2**30:.1f} GiB")
     return OK
 
 
