@@ -33,10 +33,13 @@ MIN_FREE_BYTES = 64 << 20  # less free space than this at the output is reported
 _held: set[Path] = set()  # the build folders whose lock this process holds
 
 
-def check_replaceable(out_dir: Path, keep: Sequence[Path] = ()) -> None:
+def check_replaceable(
+    out_dir: Path, keep: Sequence[Path] = (), ours: Callable[[Path], bool] | None = None
+) -> None:
     """Raise a UserError unless a build may replace `out_dir`: it must not exist, be an empty
-    folder, or be a qspec build folder, and it must not hold the current folder or a file in
-    `keep` (the spec). qspec never removes what it did not write."""
+    folder, or be a folder qspec wrote (`ours`, by default a build folder), and it must not
+    hold the current folder or a file in `keep` (the spec). qspec never removes what it did
+    not write."""
     given, out_dir = str(out_dir), out_dir.resolve()
     if Path.cwd().resolve().is_relative_to(out_dir):
         raise UserError(
@@ -48,7 +51,7 @@ def check_replaceable(out_dir: Path, keep: Sequence[Path] = ()) -> None:
         raise UserError(f"-o {given!r} holds the spec itself", help="use -o build/NAME")
     if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
         return
-    if out_dir.is_dir() and _is_build(out_dir):
+    if out_dir.is_dir() and (ours or _is_build)(out_dir):
         return
     what = "a file" if not out_dir.is_dir() else "a folder that is not a qspec build"
     raise UserError(

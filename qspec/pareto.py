@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from qspec.compiler.errors import CompileFailure, InfeasibleBudget, UserError
+from qspec.compiler.folder import check_replaceable, check_writable, output_folder
 from qspec.driver import compile_prepared, prepare
 from qspec.dsl import ir
 from qspec.dsl.diagnostics import SpecError
@@ -82,9 +83,11 @@ def sweep_spec(
     points = parse_budget(budget)
     checked = check_file(spec_path)
     spec = checked.raise_errors()
-    out = Path(out_dir)
     rows: list[dict] = []
     try:
+        out = output_folder(out_dir)
+        check_replaceable(out, [Path(path) for path in spec.files], _is_sweep)
+        check_writable(out)
         prepared = prepare(spec, log)
         for value in points.values:
             limit = ir.Limit(
@@ -122,6 +125,11 @@ def _point(prepared, limit: ir.Limit, limits, folder: Path, log) -> dict:
         **{score: getattr(result.fidelity, score, None) for score in scores},
         "latency_ms": next(iter(result.latency_ms.values())),
     }
+
+
+def _is_sweep(folder: Path) -> bool:
+    """A folder an earlier sweep wrote: it holds sweep.json."""
+    return (folder / "sweep.json").is_file()
 
 
 def _folder_name(limit: ir.Limit) -> str:

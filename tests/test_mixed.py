@@ -290,3 +290,16 @@ def test_minilm_mixed_under_a_size_budget(tmp_path: Path):
     assert len(build.manifest["allocation"]["layers"]) == 12 and len(chosen) > 1
     assert build.manifest["budgets"][0]["met"]
     assert build.fidelity.cosine_mean > 0.97
+
+
+@pytest.mark.parametrize("where", ["user folder", "cwd", "empty"])
+def test_sweep_refuses_folders_it_did_not_write(tmp_path: Path, monkeypatch, where: str):
+    spec = project(tmp_path, CHOOSE + "budget {\n  weight bits <= 8\n}\n")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "sweep.md").write_text("my notes")
+    monkeypatch.chdir(mine if where == "cwd" else tmp_path)
+    out = {"user folder": str(mine), "cwd": ".", "empty": ""}[where]
+    assert main(["sweep", str(spec), "--budget", "weight bits=2,8", "-o", out]) == 2
+    assert (mine / "sweep.md").read_text() == "my notes"
+    assert sorted(p.name for p in mine.iterdir()) == ["sweep.md"]
