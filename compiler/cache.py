@@ -9,6 +9,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from importlib import metadata
 from pathlib import Path
 
 from qspec.compiler.errors import UserError
@@ -28,6 +29,15 @@ def cache_dir() -> Path:
         return Path(folder)
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "qspec"
+
+
+def package_version(package: str) -> str:
+    """An installed package's version, read from its metadata (no import): part of the keys
+    of everything cached, since another version may compute differently."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def content_cache_enabled() -> bool:

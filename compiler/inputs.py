@@ -16,7 +16,6 @@ Files read by other native code are not seen: a build rule lists them itself (DE
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -224,23 +223,6 @@ def _folder_files(folder: Path) -> set[Path]:
         for path in folder.iterdir()
         if path.is_file() and (path.suffix in WEIGHT_SUFFIXES or path.name in HF_FILES)
     }
-
-
-def sha256_of(path: Path, memo: dict[Path, str | None] | None = None) -> str | None:
-    """A file's content hash, None when it cannot be read (a deleted input)."""
-    if memo is not None and path in memo:
-        return memo[path]
-    digest = hashlib.sha256()
-    try:
-        with path.open("rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-        result: str | None = digest.hexdigest()
-    except OSError:
-        result = None
-    if memo is not None:
-        memo[path] = result
-    return result
 
 
 def relative_to(path: Path, base: Path) -> str:

@@ -27,7 +27,6 @@ import tempfile
 from collections import defaultdict
 from collections.abc import Callable
 from functools import cache
-from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,7 +34,7 @@ import numpy as np
 import safetensors.numpy
 import torch
 
-from qspec.compiler.cache import cache_dir, content_cache_enabled
+from qspec.compiler.cache import cache_dir, content_cache_enabled, package_version
 from qspec.compiler.source import CalibrationData, LoadedModel
 
 FORMAT = 1  # raise when what an entry holds, or how a key is formed, changes
@@ -151,7 +150,7 @@ def source_digest(*stages: str) -> str:
 def cost_model(costs: object) -> str:
     """A cost model's part of a key: its type, the code of qspec's backends and the versions of
     the libraries they emit with."""
-    versions = [_version(name) for name in BACKEND_LIBRARIES]
+    versions = [package_version(name) for name in BACKEND_LIBRARIES]
     return digest(type(costs).__qualname__, source_digest("backends"), versions)
 
 
@@ -160,7 +159,7 @@ def environment() -> str:
     """What makes any entry stale besides its own inputs: the cache format, the code of the
     stages the passes run (a cost model's backend is a key's own part) and the libraries that
     compute."""
-    return digest(FORMAT, source_digest(*STAGES), [_version(name) for name in LIBRARIES])
+    return digest(FORMAT, source_digest(*STAGES), [package_version(name) for name in LIBRARIES])
 
 
 def digest(*parts: object) -> str:
@@ -290,10 +289,3 @@ def _source_bytes(kind: type) -> bytes:
         return Path(inspect.getfile(kind)).read_bytes()
     except (OSError, TypeError):
         return b""
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return ""

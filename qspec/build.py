@@ -102,15 +102,13 @@ def _build_locked(
     spec: ir.Spec, out: Path, fail_under: dict[str, float], log: Callable[[str], None]
 ) -> Outcome:
     spec_dir = Path(spec.path).resolve().parent
-    specs = [Path(path).resolve() for path in spec.files]
     action = buildcache.action_key(spec)
     start = time.perf_counter()
     if content_cache_enabled() and _staleness(spec, out) is None:
         os.utime(out / MANIFEST)  # nothing to do but tell build tools the folder is new enough
         manifest, report = _read_build(out)
         _fail_if_short(report, fail_under)
-        inputs = specs + [Path(os.path.normpath(spec_dir / p)) for p in manifest["inputs"]]
-        return Outcome(out, manifest, report, "up to date", {}, inputs)
+        return Outcome(out, manifest, report, "up to date", {}, _inputs(spec, manifest["inputs"]))
     entry = buildcache.lookup(action, spec_dir) if content_cache_enabled() else None
     if entry is not None:
         with staged(out, log) as stage:
@@ -118,19 +116,27 @@ def _build_locked(
             manifest, report = _read_build(stage)
             _fail_if_short(report, fail_under)
         log(f"restored from the cache: {time.perf_counter() - start:.2f} s")
-        inputs = specs + [Path(os.path.normpath(spec_dir / path)) for path in entry.inputs]
         seconds = {"restore": time.perf_counter() - start}
+        inputs = _inputs(spec, entry.inputs)
         return Outcome(out, manifest, report, "hit", seconds, inputs, entry.latency_ms)
     from qspec.driver import compile_spec  # torch and the user's code load from here on
 
     built = compile_spec(spec.path, out, fail_under=fail_under, log=log)
     cache = "off"
     if content_cache_enabled():
-        buildcache.store(action, built.manifest["inputs"], out, built.latency_ms)
+        buildcache.store(action, out, built.manifest, built.latency_ms)
         cache = "miss"
     return Outcome(
         out, built.manifest, built.report, cache, built.timings, built.inputs, built.latency_ms
     )
+
+
+def _inputs(spec: ir.Spec, recorded: dict[str, str]) -> list[Path]:
+    """What a depfile lists for a build done earlier: the spec's files and its recorded inputs
+    (relative to the spec's folder)."""
+    spec_dir = Path(spec.path).resolve().parent
+    recorded_paths = [Path(os.path.normpath(spec_dir / path)) for path in recorded]
+    return [Path(path).resolve() for path in spec.files] + recorded_paths
 
 
 def _read_build(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:

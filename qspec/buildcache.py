@@ -24,13 +24,11 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeGuard
 
-from qspec.compiler.cache import cache_dir
+from qspec.compiler.cache import cache_dir, package_version
 from qspec.compiler.folder import FORMAT_VERSION, MANIFEST, sha256_file
-from qspec.compiler.inputs import sha256_of
 from qspec.dsl import ir
 
 ENTRY_VERSION = 1
@@ -52,13 +50,7 @@ _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 def tool_versions() -> dict[str, str]:
     """Installed versions, read from package metadata (no import)."""
-    versions = {"python": platform.python_version()}
-    for tool in TOOLS:
-        try:
-            versions[tool] = metadata.version(tool)
-        except metadata.PackageNotFoundError:
-            versions[tool] = "unknown"
-    return versions
+    return {"python": platform.python_version(), **{tool: package_version(tool) for tool in TOOLS}}
 
 
 def host_features() -> dict[str, str]:
@@ -95,14 +87,17 @@ def inputs_key(inputs: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
-def current_hashes(recorded: dict[str, str], base: Path) -> dict[str, str | None]:
-    """Each recorded input's hash now (None: it is gone)."""
-    return {path: sha256_of(base / path) for path in recorded}
-
-
 def changed_inputs(recorded: dict[str, str], base: Path) -> list[str]:
-    now = current_hashes(recorded, base)
-    return [path for path, digest in recorded.items() if now[path] != digest]
+    """The recorded inputs (relative to `base`) whose content changed, or that are gone."""
+    changed = []
+    for path, digest in recorded.items():
+        try:
+            same = sha256_file(base / path) == digest
+        except OSError:
+            same = False
+        if not same:
+            changed.append(path)
+    return changed
 
 
 @dataclass
@@ -194,14 +189,12 @@ def restore(entry: Entry, stage: Path) -> None:
         shutil.copyfile(entry.folder / "files" / name, target)
 
 
-def store(action: str, inputs: dict[str, str], build: Path, latency_ms: dict[str, float]) -> None:
-    """Copy a finished build folder into the cache; a cache that cannot be written only costs
-    the next build its hit."""
-    files = {
-        path.relative_to(build).as_posix(): sha256_file(path)
-        for path in sorted(build.rglob("*"))
-        if path.is_file()
-    }
+def store(action: str, build: Path, manifest: dict[str, Any], latency_ms: dict[str, float]) -> None:
+    """Copy a finished build folder into the cache, its files' hashes taken from its manifest
+    (every restore checks them again); a cache that cannot be written only costs the next build
+    its hit."""
+    inputs: dict[str, str] = manifest["inputs"]
+    files = {**manifest["files"], MANIFEST: sha256_file(build / MANIFEST)}
     record = {"version": ENTRY_VERSION, "inputs": inputs, "files": files, "latency_ms": latency_ms}
     final = _builds() / action / inputs_key(inputs)
     try:

@@ -428,7 +428,6 @@ class Progress:
             self.shown = True
 
     def and_print(self, line: str) -> None:
-        self.show(line)
         self.clear()
         print(f"  {line}", file=sys.stderr)
 

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# The calibration entry of the token-id models below (and of tests' own models): 64 rows.
+TOKEN_BATCHES = """
+def batches():
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(8):
+        yield {"ids": torch.randint(0, 50, (8, 6), generator=generator)}
+"""
+
 # An embedding and two Linear layers over token ids: a model that builds in seconds.
-TINY_MODEL = """
+TINY_MODEL = (
+    """
 import torch
 from torch import nn
 
@@ -26,11 +35,9 @@ def load():
     return Tiny(), (torch.randint(0, 50, (4, 6)),)
 
 
-def batches():
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(8):
-        yield {"ids": torch.randint(0, 50, (8, 6), generator=generator)}
 """
+    + TOKEN_BATCHES
+)
 
 HEADER = 'qspec 1\nmodel "model.py:load"\ncalibration "model.py:batches" samples 32 holdout 16\n'
 

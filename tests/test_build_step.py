@@ -20,10 +20,11 @@ from qspec.cli import main
 from qspec.compiler.errors import UserError
 from qspec.compiler.folder import check_writable, locked, sha256_file
 from qspec.dsl.load import check_file
-from tests.projects import HEADER
+from tests.projects import HEADER, TOKEN_BATCHES
 
 # A tiny model whose weights live in a safetensors file beside it (read by Rust, not Python).
-MODEL = """
+MODEL = (
+    """
 from pathlib import Path
 
 import torch
@@ -51,13 +52,9 @@ def load():
     model = Tiny()
     model.load_state_dict(load_file(HERE / "weights.safetensors"))
     return model, (torch.randint(0, 50, (4, 6)),)
-
-
-def batches():
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(8):
-        yield {"ids": torch.randint(0, 50, (8, 6), generator=generator)}
 """
+    + TOKEN_BATCHES
+)
 BODY = 'target onnx { device cpu }\nlayer "fc*" { weight int4 group 32 }\n'
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import safetensors.numpy
-from projects import write_project
+from projects import TOKEN_BATCHES, write_project
 
 import qspec
 from qspec.compiler.cache import cache_settings
@@ -23,7 +23,8 @@ from qspec.compiler.resolve import SparsityPlan
 from qspec.driver import compile_spec
 
 # Three numbered blocks of two Linear layers: sequential calibration goes block by block.
-BLOCKS_MODEL = """
+BLOCKS_MODEL = (
+    """
 import torch
 from torch import nn
 
@@ -54,13 +55,9 @@ class Blocks(nn.Module):
 def load():
     torch.manual_seed(0)
     return Blocks(), (torch.randint(0, 50, (4, 6)),)
-
-
-def batches():
-    generator = torch.Generator().manual_seed(1)
-    for _ in range(8):
-        yield {"ids": torch.randint(0, 50, (8, 6), generator=generator)}
 """
+    + TOKEN_BATCHES
+)
 GPTQ = 'layer "blocks.*.*" {\n  weight int4 group 16 asymmetric round gptq\n}\n'
 NEAREST = 'layer "blocks.*.*" {\n  weight int4 group 16\n}\n'
 EDIT = 'layer "blocks.1.a" {\n  weight int8\n}\n'
