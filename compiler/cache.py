@@ -4,11 +4,13 @@ unreadable or corrupt file is an empty cache, and a read-only one only costs mea
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from functools import cache
 from importlib import metadata
 from pathlib import Path
 
@@ -38,6 +40,28 @@ def package_version(package: str) -> str:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+SOURCE_SUFFIXES = (".py", ".lark", ".c")
+
+
+@cache
+def source_digest(*stages: str) -> str:
+    """sha256 of the source files of qspec's `stages` (folders: "passes", "backends"; Python,
+    grammar and C): results computed by code that has changed since are stale."""
+    root = Path(__file__).resolve().parents[1]
+    files = sorted(
+        path
+        for stage in stages
+        for path in (root / stage).rglob("*")
+        if path.suffix in SOURCE_SUFFIXES and "__pycache__" not in path.parts
+    )
+    hasher = hashlib.sha256()
+    for path in files:
+        data = path.read_bytes()
+        name = path.relative_to(root).as_posix().encode()
+        hasher.update(b"%d:%s%d:" % (len(name), name, len(data)) + data)
+    return hasher.hexdigest()
 
 
 def content_cache_enabled() -> bool:

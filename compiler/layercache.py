@@ -34,7 +34,12 @@ import numpy as np
 import safetensors.numpy
 import torch
 
-from qspec.compiler.cache import cache_dir, content_cache_enabled, package_version
+from qspec.compiler.cache import (
+    cache_dir,
+    content_cache_enabled,
+    package_version,
+    source_digest,
+)
 from qspec.compiler.source import CalibrationData, LoadedModel
 
 FORMAT = 1  # raise when what an entry holds, or how a key is formed, changes
@@ -136,15 +141,6 @@ def module_digest(module: torch.nn.Module) -> str:
         for name, sub in module.named_modules()
     ]
     return digest(parts, module.state_dict())
-
-
-@cache
-def source_digest(*stages: str) -> str:
-    """The source files of qspec's `stages` (folders: "passes", "backends"): results computed
-    by code that has changed since are stale."""
-    root = Path(__file__).resolve().parents[1]
-    files = sorted(path for stage in stages for path in (root / stage).rglob("*.py"))
-    return digest([(path.relative_to(root).as_posix(), path.read_bytes()) for path in files])
 
 
 def cost_model(costs: object) -> str:
