@@ -254,7 +254,8 @@ def _exchange(first: Path, second: Path) -> bool:
 
 
 def write_json(path: Path, data: object) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """Strict JSON: a NaN or infinity left in `data` is a qspec bug, not a bare token."""
+    path.write_text(json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def sha256_file(path: Path) -> str:
@@ -265,9 +266,31 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+class BadManifest(UserError, ValueError):
+    """A manifest that is there but cannot be read as one: a user error (exit 2) to the CLI,
+    a ValueError to callers that only ask whether a folder holds a build."""
+
+
+MAX_MANIFEST_BYTES = 64 << 20  # far above any real manifest; a bigger file is not one
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest as a JSON object. FileNotFoundError where there is none; BadManifest where
+    it cannot be read or is not a JSON object (a damaged folder, not a qspec bug)."""
     path = folder / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a qspec build folder (no {MANIFEST})")
-    manifest: dict[str, Any] = json.loads(path.read_text())
+    help = "compile the spec again"
+    try:
+        text = path.read_bytes() if path.stat().st_size <= MAX_MANIFEST_BYTES else None
+    except OSError as error:
+        raise BadManifest(f"cannot read {path}: {error.strerror or error}", help=help) from None
+    if text is None:
+        raise BadManifest(f"{path} is too large to be a qspec manifest", help=help)
+    try:
+        manifest = json.loads(text)
+    except (ValueError, RecursionError) as error:  # not JSON, not UTF-8, nested too deep
+        raise BadManifest(f"{path} is not valid JSON ({error})", help=help) from None
+    if not isinstance(manifest, dict):
+        raise BadManifest(f"{path} is not a JSON object", help=help)
     return manifest

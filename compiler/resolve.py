@@ -8,6 +8,7 @@ which `qspec explain`, the report and error messages show.
 from __future__ import annotations
 
 import difflib
+import sys
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -15,8 +16,10 @@ from qspec.compiler.capture import Graph, Layer
 from qspec.compiler.errors import UserError
 from qspec.compiler.numerics import GRANULARITIES, SCALES, QuantSpec
 from qspec.dsl import ir
-from qspec.dsl.diagnostics import Note
+from qspec.dsl.diagnostics import Diagnostic, Note
 from qspec.dsl.formats import weight_format
+from qspec.dsl.load import read_source
+from qspec.dsl.parser import normalize
 from qspec.dsl.patterns import compile_pattern
 from qspec.dsl.validate import Checker
 
@@ -171,6 +174,7 @@ class LayerPlan:
 class Plan:
     layers: dict[str, LayerPlan]
     matches: list[tuple[ir.Defaults | ir.LayerRule, int]]  # each rule and its match count
+    warnings: list[Diagnostic] = field(default_factory=list)  # located; the driver prints them
 
 
 # ---- resolution ------------------------------------------------------------------------------
@@ -189,8 +193,9 @@ def resolve(spec: ir.Spec, graph: Graph) -> Plan:
             _no_match(rule, graph)
         for name in names:
             _apply(rule.settings, assigned[name])
-    layers = {name: _plan(graph.layers[name], assigned[name]) for name in graph.layers}
-    return Plan(layers, matches)
+    clipped: Clipped = {}
+    layers = {name: _plan(graph.layers[name], assigned[name], clipped) for name in graph.layers}
+    return Plan(layers, matches, [_clipped_warning(node, got) for node, got in clipped.items()])
 
 
 def _matching(rule: ir.Defaults | ir.LayerRule, graph: Graph) -> list[str]:
@@ -198,6 +203,33 @@ def _matching(rule: ir.Defaults | ir.LayerRule, graph: Graph) -> list[str]:
         return list(graph.layers)
     regex = compile_pattern(rule.pattern)
     return [name for name in graph.layers if regex.fullmatch(name)]
+
+
+def print_warnings(plan: Plan) -> None:
+    """The plan's warnings on stderr, each with its spec line (they do not stop a build)."""
+    sources: dict[str, str] = {}
+    for warning in plan.warnings:
+        file = warning.span.file
+        if file not in sources:
+            text, _ = read_source(file)
+            sources[file] = normalize(text or "")
+        print(warning.render(sources), file=sys.stderr)
+
+
+def _clipped_warning(node: ir.LowRank, layers: list[tuple[str, int]]) -> Diagnostic:
+    shown = ", ".join(f"{name} ({rank})" for name, rank in layers[:3])
+    more = f" and {len(layers) - 3} more" if len(layers) > 3 else ""
+    return Diagnostic(
+        "warning",
+        f"rank {node.rank.value} is more than {_plural_layers(layers)} can use; "
+        f"each gets rank min(rows, cols): {shown}{more}",
+        node.rank.span,
+        help="a rank of min(rows, cols) already corrects the whole error; lower the rank",
+    )
+
+
+def _plural_layers(layers: list[tuple[str, int]]) -> str:
+    return "the layer" if len(layers) == 1 else f"{len(layers)} layers"
 
 
 def _no_match(rule: ir.Defaults | ir.LayerRule, graph: Graph) -> None:
@@ -238,7 +270,7 @@ def _apply(settings: tuple[ir.Setting, ...], fields: dict[str, tuple[Any, ir.Spa
             fields["bias"] = (False, span)
 
 
-def _plan(layer: Layer, fields: dict[str, tuple[Any, ir.Span]]) -> LayerPlan:
+def _plan(layer: Layer, fields: dict[str, tuple[Any, ir.Span]], clipped: Clipped) -> LayerPlan:
     def value(name: str) -> Any:
         return fields.get(name, (None, None))[0]
 
@@ -251,18 +283,24 @@ def _plan(layer: Layer, fields: dict[str, tuple[Any, ir.Span]]) -> LayerPlan:
         assert weight.format is not None
         weight_plan = _weight_plan(layer, weight.format, options, sparsity_node)
     elif weight is not None and weight.candidates is not None:
-        candidates = tuple(_candidate(layer, c, options, sparsity_node) for c in weight.candidates)
+        candidates = tuple(
+            _candidate(layer, c, options, sparsity_node, clipped) for c in weight.candidates
+        )
     activation = _activation_plan(layer, value("activation"))
     sparsity = _sparsity_plan(layer, sparsity_node)
     lora = value("lora")
-    lowrank = _lowrank_plan(lora) if lora is not None else None
+    lowrank = _lowrank_plan(layer, lora, clipped) if lora is not None else None
     return LayerPlan(
         layer, weight_plan, activation, sparsity, lowrank, bool(value("bias")), candidates, sources
     )
 
 
 def _candidate(
-    layer: Layer, candidate: ir.Candidate, shared: ir.WeightOptions, sparsity: ir.Sparsity | None
+    layer: Layer,
+    candidate: ir.Candidate,
+    shared: ir.WeightOptions,
+    sparsity: ir.Sparsity | None,
+    clipped: Clipped,
 ) -> CandidatePlan:
     if candidate.format is None:
         return CandidatePlan(None, None, None)
@@ -276,7 +314,7 @@ def _candidate(
     return CandidatePlan(
         _weight_plan(layer, candidate.format, options, own_sparsity),
         _sparsity_plan(layer, own_sparsity),
-        _lowrank_plan(candidate.lowrank) if candidate.lowrank else None,
+        _lowrank_plan(layer, candidate.lowrank, clipped) if candidate.lowrank else None,
     )
 
 
@@ -376,9 +414,21 @@ def _sparsity_plan(layer: Layer, node: ir.Sparsity | None) -> SparsityPlan | Non
     return SparsityPlan(None, None, node.pattern.fraction, method)
 
 
-def _lowrank_plan(node: ir.LowRank) -> LowRankPlan:
+Clipped = dict[ir.LowRank, list[tuple[str, int]]]
+"""`rank` settings above what a layer can use -> (layer, rank used) for each such layer."""
+
+
+def _lowrank_plan(layer: Layer, node: ir.LowRank, clipped: Clipped) -> LowRankPlan:
+    """The low-rank plan with the rank the layer can use: a correction of rank min(rows, cols)
+    is already exact, so a larger one is clipped (and reported), and the plan, the costs and the
+    manifest carry the rank that is emitted."""
+    usable = min(layer.rows, layer.cols)
+    rank = int(node.rank.value)
+    if rank > usable:
+        clipped.setdefault(node, []).append((layer.name, usable))
+        rank = usable
     return LowRankPlan(
-        rank=int(node.rank.value),
+        rank=rank,
         method=node.method.text if node.method else "svd",
         finetune_steps=int(node.finetune_steps.value) if node.finetune_steps else 0,
         factors=node.factors.text if node.factors else "fp16",

@@ -27,6 +27,7 @@ from qspec.compiler.errors import UserError
 from qspec.compiler.inputs import ENTRY_PREFIX
 from qspec.dsl import ir
 from qspec.dsl.diagnostics import did_you_mean
+from qspec.dsl.files import regular_file_problem
 
 Batch = dict[str, torch.Tensor]
 BATCH_ROWS = 32  # rows per batch when slicing array files
@@ -131,10 +132,47 @@ def name_inputs(module: torch.nn.Module, inputs: Any, word: ir.Word) -> Batch:
     return named
 
 
+# Members of a .pt2 that torch.export.load would run as code: pickled Python objects,
+# TorchScript objects and compiled AOTInductor libraries.
+_CODE_MEMBERS = ("data/constants/opaque_obj_", "data/constants/custom_obj_", "data/aotinductor/")
+
+
 def _load_exported(word: ir.Word) -> tuple[torch.nn.Module, Batch]:
+    """A Python model entry is code and runs; a .pt2 is data and must never run code. Members
+    torch would execute are refused up front, and every pickle in the archive is read with
+    weights_only=True (tensors and containers only): torch.export.load itself falls back to a
+    full unpickle, which would run whatever the archive holds."""
+    import pickle
+    import zipfile
+
     path = _existing(word, "exported program")
     try:
-        program = torch.export.load(path)
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile) as error:
+        raise UserError(
+            f"cannot load exported program: not a .pt2 archive ({error})",
+            word.span,
+            help="save it with torch.export.save(program, 'model.pt2')",
+        ) from None
+    code = next((name for name in names if any(m in name for m in _CODE_MEMBERS)), None)
+    if code is not None:
+        raise UserError(
+            f"the exported program holds {code}, which loading it would execute",
+            word.span,
+            help="qspec loads only graphs and tensors from a .pt2; use a Python model entry "
+            "for a model with script objects or compiled code",
+        )
+    try:
+        with _weights_only_loads():
+            program = torch.export.load(path)
+    except pickle.UnpicklingError:
+        raise UserError(
+            "the exported program holds pickled data that is not tensors: qspec does not "
+            "unpickle objects from a .pt2 (it could run code)",
+            word.span,
+            help="export the model with tensor example inputs and weights only",
+        ) from None
     except Exception as error:
         raise UserError(f"cannot load exported program: {error}", word.span) from None
     if program.example_inputs is None:
@@ -278,6 +316,15 @@ def load_calibration(
     samples = int(calibration.samples.value) if calibration.samples else DEFAULT_SAMPLES
     holdout = int(calibration.holdout.value) if calibration.holdout else DEFAULT_HOLDOUT
     source = calibration.source
+    if holdout < 1 or samples < 1:
+        which = calibration.holdout if holdout < 1 else calibration.samples
+        raise UserError(
+            f"{'holdout' if holdout < 1 else 'samples'} {which.value if which else 0}: "
+            "at least 1 is needed",
+            which.span if which else source.span,
+            help="verification runs the artifact on the held-out rows: hold out at least one "
+            "(the default is 16)",
+        )
     if source.text.endswith((".npz", ".safetensors")):
         items = _array_batches(source)
     else:
@@ -285,9 +332,11 @@ def load_calibration(
     head: list[Batch] = []
     tail: deque[tuple[Batch, torch.Tensor | None]] = deque()
     seen = tail_rows = 0
-    for batch, labels in itertools.islice(items, MAX_BATCHES):
-        batch = _check_batch(batch, source, model)
+    for index, (batch, labels) in enumerate(itertools.islice(items, MAX_BATCHES)):
+        batch = _check_batch(batch, source, model, index)
         rows = _rows(batch)
+        if not rows:
+            continue
         cut = max(0, min(rows, samples - seen))
         if cut:
             head.append(rows_of(batch, 0, cut))
@@ -304,8 +353,8 @@ def load_calibration(
             source.span,
             help="lower samples or holdout, or provide more data",
         )
-    _try_batch(model, head[0], source)
     held, held_labels = _last_rows(list(tail), holdout)
+    _try_shapes(model, head + held, source)
     digest = hashlib.sha256()
     for batch in head + held:
         for name in sorted(batch):
@@ -314,20 +363,39 @@ def load_calibration(
     return CalibrationData(head, held, held_labels, digest.hexdigest())
 
 
+def _try_shapes(model: LoadedModel, batches: list[Batch], word: ir.Word) -> None:
+    """Run the float model once on each distinct batch shape, calibration and held-out (the
+    tail batch is often smaller), so a shape it cannot take is reported here, at the
+    calibration statement, rather than deep inside a pass or verification.
+
+    A batch may differ from the example input in more than the batch size (token sequences of
+    another length, images of another size for a fully convolutional model): such data is
+    accepted when, and only when, the model really runs on every shape it will be given. A
+    fixed-shape rule would refuse those legitimate sources; the model is the authority on
+    what it takes, and a rank or dtype mismatch is refused before any run."""
+    shapes: dict[tuple[tuple[str, tuple[int, ...]], ...], Batch] = {}
+    for batch in batches:
+        shapes.setdefault(tuple((k, tuple(v.shape)) for k, v in batch.items()), batch)
+    for batch in shapes.values():
+        _try_batch(model, batch, word)
+
+
 def _try_batch(model: LoadedModel, batch: Batch, word: ir.Word) -> None:
-    """Run the float model on one calibration batch, so a shape it cannot take is reported
-    here, at the calibration statement, rather than deep inside a pass."""
     try:
         with torch.no_grad():
             model.module(**batch)
     except Exception as error:
         shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in batch.items())
+        exported = isinstance(model.module, torch.fx.GraphModule)
         raise UserError(
             f"the model fails on a calibration batch ({shapes}): {type(error).__name__}: {error}",
             word.span,
             help="an exported program needs dynamic shapes for a batch size other than its "
-            "example's: torch.export.export(..., dynamic_shapes=...)",
-        ) from error
+            "example's: torch.export.export(..., dynamic_shapes=...)"
+            if exported
+            else "the model must take every batch the source gives, calibration and held-out "
+            "(the last held-out batch can be smaller: choose samples and holdout to fit)",
+        ) from None
 
 
 def _entry_batches(word: ir.Word) -> Iterator[tuple[Any, None]]:
@@ -365,25 +433,113 @@ def _last_rows(
 
 
 def _array_batches(word: ir.Word) -> Iterable[tuple[Batch, torch.Tensor | None]]:
-    path = _existing(word, "calibration file")
-    if path.suffix == ".npz":
-        with np.load(path) as data:
-            arrays = {k: torch.from_numpy(data[k]) for k in data.files}
-    else:
-        from safetensors.torch import load_file
-
-        arrays = load_file(str(path))
+    """Batches of BATCH_ROWS rows of an .npz/.safetensors file, every array checked first:
+    a sample dimension, a numeric dtype, the same rows, finite values."""
+    arrays = _read_arrays(word)
+    for name, array in arrays.items():
+        _check_array(word, name, array)
     labels = arrays.pop("labels", None)
-    rows = {len(a) for a in arrays.values()}
+    if not arrays:
+        raise UserError(
+            f"'{word.text}' holds no input arrays",
+            word.span,
+            help="save one array per model input, named like its forward() parameter",
+        )
+    named = arrays if labels is None else arrays | {"labels": labels}
+    rows = {len(a) for a in named.values()}
     if len(rows) != 1:
-        raise UserError(f"arrays in '{word.text}' have different lengths", word.span)
+        lengths = ", ".join(f"'{k}' {len(v)}" for k, v in named.items())
+        raise UserError(
+            f"arrays in '{word.text}' have different lengths ({lengths})",
+            word.span,
+            help="each array's first dimension is the sample: all need the same number of rows",
+        )
     count = rows.pop()
     for start in range(0, count, BATCH_ROWS):
         window = slice(start, start + BATCH_ROWS)
         yield {k: v[window] for k, v in arrays.items()}, None if labels is None else labels[window]
 
 
-def _check_batch(batch: Any, word: ir.Word, model: LoadedModel) -> Batch:
+def _read_arrays(word: ir.Word) -> dict[str, torch.Tensor]:
+    """The arrays of an .npz (never unpickled: object arrays are refused) or .safetensors
+    file; a file that does not parse is the user's, located at the calibration statement."""
+    path = _existing(word, "calibration file")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as error:  # safetensors' own parser: any failure is the file's
+            raise UserError(
+                f"cannot read '{word.text}': {error}",
+                word.span,
+                help="write it with safetensors.torch.save_file({name: tensor, ...}, path)",
+            ) from None
+    arrays: dict[str, torch.Tensor] = {}
+    name = ""
+    try:
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):  # an .npy array under an .npz name
+            raise ValueError("not an .npz archive")
+        with data:
+            for name in data.files:
+                array = data[name]
+                if array.dtype.kind not in "biuf":
+                    raise TypeError(f"array '{name}' has dtype {array.dtype}, not numbers")
+                if not array.dtype.isnative:  # big-endian data: torch takes native order
+                    array = array.astype(array.dtype.newbyteorder("="))
+                arrays[name] = torch.from_numpy(array)
+    except Exception as error:  # numpy's zip and .npy parsers: any failure is the file's
+        what = f"array '{name}' of '{word.text}'" if name else f"'{word.text}'"
+        raise UserError(
+            f"cannot read {what}: {error}",
+            word.span,
+            help="write it with numpy.savez(path, name=array) from numeric arrays (qspec never "
+            "unpickles data files, so object arrays cannot be read)",
+        ) from None
+    return arrays
+
+
+def _check_array(word: ir.Word, name: str, array: torch.Tensor) -> None:
+    """An array of a calibration file: one row per sample, and finite, before any batch."""
+    if array.dim() == 0:
+        raise UserError(
+            f"{word.text}: array '{name}' is a 0-d scalar",
+            word.span,
+            help="the first dimension of each array is the sample: save a [samples, ...] array",
+        )
+    bad = first_nonfinite(array)
+    if bad:
+        raise UserError(
+            f"{word.text}: array '{name}' has {bad}",
+            word.span,
+            help="statistics, scales and GPTQ need finite data: clean or drop those rows",
+        )
+
+
+def first_nonfinite(tensor: torch.Tensor) -> str | None:
+    """'NaN at [3, 0, 1]' (or inf, -inf) for the first non-finite element, None if all are
+    finite (integer tensors always are)."""
+    if not tensor.is_floating_point():
+        return None
+    finite = torch.isfinite(tensor)
+    if bool(finite.all()):
+        return None
+    index = [int(i) for i in torch.nonzero(~finite)[0]]
+    value = float(tensor[tuple(index)])
+    kind = "NaN" if value != value else ("inf" if value > 0 else "-inf")
+    return f"{kind} at {index}"
+
+
+def _check_batch(batch: Any, word: ir.Word, model: LoadedModel, index: int) -> Batch:
+    """Batch `index` of the source, named like the model's inputs and checked: the example's
+    dtype and rank, one row count for all inputs, finite values."""
+    if not isinstance(batch, torch.Tensor | np.ndarray | Mapping | tuple | list):
+        raise UserError(
+            f"calibration batch {index} is a {type(batch).__name__}",
+            word.span,
+            expected="a dict (or tuple) of tensors, one per model input",
+        )
     named = name_inputs(model.module, batch, word)
     expected = set(model.input_names)
     if set(named) != expected:
@@ -393,18 +549,26 @@ def _check_batch(batch: Any, word: ir.Word, model: LoadedModel) -> Batch:
         )
     for name, tensor in named.items():
         example = model.example[name]
-        if tensor.dtype != example.dtype or tensor.dim() != example.dim():
+        if tensor.dtype != example.dtype or tensor.dim() != example.dim() or not tensor.dim():
             raise UserError(
                 f"calibration input '{name}' is {tensor.dtype} with {tensor.dim()} dims; "
                 f"the example input is {example.dtype} with {example.dim()} dims",
                 word.span,
             )
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = first_nonfinite(tensor)
+        if bad:
             raise UserError(
-                f"calibration input '{name}' has NaN or infinite values",
+                f"calibration input '{name}' has {bad} in batch {index} of {word.text}",
                 word.span,
                 help="statistics, scales and GPTQ need finite data: clean or drop those rows",
             )
+    rows = {name: len(tensor) for name, tensor in named.items()}
+    if len(set(rows.values())) > 1:
+        raise UserError(
+            f"calibration batch {index} has inputs with different row counts {rows}",
+            word.span,
+            help="the first dimension of every input is the batch: give them the same size",
+        )
     return named
 
 
@@ -471,12 +635,40 @@ def _on_path(folder: Path) -> Iterator[None]:
             sys.path.remove(str(folder))
 
 
+@contextmanager
+def _weights_only_loads() -> Iterator[None]:
+    """Every torch.load inside the block reads tensors only, whatever weights_only its caller
+    passes (torch's own switch for this, read at each call). torch's warnings with tracebacks
+    about a damaged archive are silenced: the UserError says it in one line."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("torch.export", "torch._export.serde")]
+    levels = [logger.level for logger in loggers]
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        if before is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
 def _existing(word: ir.Word, what: str, text: str | None = None) -> Path:
+    """The regular file a spec word names: a FIFO or device would block or never end."""
     path = resolve_path(word, text)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(
             f"{what} not found: {text or word.text}",
             word.span,
             help=f"looked for {path} (paths are relative to the spec file)",
         )
+    problem = regular_file_problem(path)
+    if problem:
+        raise UserError(f"{what} {text or word.text}: {problem}", word.span)
     return path

@@ -10,6 +10,7 @@ from typing import Literal
 from qspec.dsl.ir import Span
 
 Severity = Literal["error", "warning", "note"]
+WIDTH = 160  # characters of a source line shown with a diagnostic
 
 
 @dataclass(frozen=True)
@@ -38,19 +39,36 @@ class Diagnostic:
 
 
 def _located(severity: str, message: str, span: Span, sources: Mapping[str, str]) -> str:
-    header = f"{span}: {severity}: {message}"
+    header = f"{span}: {severity}: {_shortened(message, WIDTH * 2)}"
     text = sources.get(span.file)
     if text is None or span.line < 1:
         return header
-    source_lines = text.splitlines()
+    source_lines = text.split("\n")  # the lines the lexer counts (not \x0c, \u2028, ...)
     if span.line > len(source_lines):
         return header
     source = source_lines[span.line - 1].expandtabs(1)
     end = span.end_column if span.end_line == span.line else len(source) + 1
     width = max(1, end - span.column)
+    column = span.column
+    if len(source) > WIDTH:  # a window around the span, not a megabyte of one line
+        start = max(0, min(column - 1 - WIDTH // 4, len(source) - WIDTH))
+        source = source[start : start + WIDTH]
+        prefix = "..." if start else ""
+        source = (
+            prefix + source + ("..." if start + WIDTH < len(source_lines[span.line - 1]) else "")
+        )
+        column += len(prefix) - start
+        width = max(1, min(width, len(source) - column + 1))
     gutter = " " * len(str(span.line))
-    caret = " " * (span.column - 1) + "^" + "~" * (width - 1)
+    caret = " " * (column - 1) + "^" + "~" * (width - 1)
     return f"{header}\n {span.line} | {source}\n {gutter} | {caret}"
+
+
+def _shortened(text: str, limit: int) -> str:
+    """`text`, or its start and end around '...' when longer than `limit` characters."""
+    if len(text) <= limit:
+        return text
+    return text[: limit // 2] + "..." + text[-limit // 4 :]
 
 
 def did_you_mean(word: str, choices: Iterable[str]) -> str | None:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
+from errno import EINVAL
 
 from qspec.dsl import ir
 from qspec.dsl.diagnostics import Diagnostic, Note, SpecError
-from qspec.dsl.parser import gc_paused, parse_document
+from qspec.dsl.files import read_regular
+from qspec.dsl.parser import gc_paused, normalize, parse_document
 from qspec.dsl.validate import LANGUAGE_VERSION, check
 
 SINGLETONS = {
@@ -17,6 +18,8 @@ SINGLETONS = {
     ir.Evaluate: "evaluate",
     ir.Allocate: "allocate",
 }
+MAX_SPEC_BYTES = 16 * 2**20  # far above any real spec; bounds memory on a hostile one
+MAX_INCLUDE_DEPTH = 64  # a chain this deep is a mistake (and deeper ones would exhaust the stack)
 
 
 @dataclass
@@ -38,13 +41,25 @@ class Checked:
 
 
 def read_source(path: str) -> tuple[str | None, Diagnostic | None]:
-    """The text of a spec file, or a diagnostic that says why it cannot be read."""
+    """The text of a spec file as written (for `fmt` to compare against), or a diagnostic that
+    says why it cannot be read. Parsing normalizes it (see `normalize`)."""
     try:
-        data = Path(path).read_bytes()
+        data = read_regular(path, MAX_SPEC_BYTES)
     except OSError as error:
         return None, Diagnostic(
-            "error", f"cannot read file: {error.strerror}", ir.Span(path, 0, 0, 0, 0)
+            "error",
+            f"cannot read file: {error.strerror or error}",
+            ir.Span(path, 0, 0, 0, 0),
+            help="a spec is a regular UTF-8 text file" if error.errno == EINVAL else None,
         )
+    return decode_source(data, path)
+
+
+def decode_source(data: bytes, path: str) -> tuple[str | None, Diagnostic | None]:
+    """The text of a spec's bytes, or a diagnostic at the first byte that is not UTF-8."""
+    if len(data) > MAX_SPEC_BYTES:
+        message = f"too large for a spec (over {MAX_SPEC_BYTES // 2**20} MiB)"
+        return None, Diagnostic("error", message, ir.Span(path, 0, 0, 0, 0))
     try:
         return data.decode("utf-8"), None
     except UnicodeDecodeError as error:
@@ -94,6 +109,7 @@ class _Loader:
                 self.diagnostics.append(problem)
                 return []
         assert text is not None
+        text = normalize(text)
         self.sources[path] = text
         document, diagnostics = parse_document(text, path)
         self.diagnostics += diagnostics
@@ -118,14 +134,29 @@ class _Loader:
             return []
         if target in self.sources:
             return []  # included already: a file's statements count once, where first included
-        if not os.path.isfile(target):
+        if not os.path.exists(target):
             self.error(
                 f"cannot find included file '{include.path.text}'",
                 include.path.span,
                 help=f"looked for {target} (includes are relative to the including file)",
             )
             return []
-        return self.document(target, None, stack)
+        if len(stack) >= MAX_INCLUDE_DEPTH:
+            self.error(
+                f"includes nest more than {MAX_INCLUDE_DEPTH} files deep",
+                include.path.span,
+                help="include the shared files from one top-level spec instead of in a chain",
+            )
+            return []
+        text, problem = read_source(target)
+        if problem is not None and problem.span.line > 0:  # located in that file: not UTF-8
+            self.diagnostics.append(problem)
+            return []
+        if problem is not None:
+            message = problem.message.replace("cannot read file", "cannot read included file")
+            self.error(f"{message}: {target}", include.path.span, help=problem.help)
+            return []
+        return self.document(target, text, stack)
 
     def version_header(self, document: ir.Document) -> None:
         versions = [s for s in document.statements if isinstance(s, ir.Version)]

@@ -33,6 +33,7 @@ from qspec.dsl.recovery import ErrorHandler, recover
 from qspec.dsl.vocabulary import Vocabulary
 
 GRAMMAR = Path(__file__).with_name("qspec.lark")
+MAX_DIGITS = 100
 
 
 _TOKEN = re.compile(
@@ -218,10 +219,20 @@ def gc_paused() -> Iterator[None]:
             gc.enable()
 
 
+def normalize(text: str) -> str:
+    """The text as the lexer reads it: without a leading UTF-8 byte-order mark (editors on
+    Windows write one), and with CRLF and lone CR line ends as LF (else a comment would run to
+    the end of a file with CR line ends, hiding everything after it)."""
+    text = text.removeprefix("\ufeff")
+    if "\r" in text:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return text
+
+
 def parse_document(text: str, path: str) -> tuple[ir.Document | None, list[Diagnostic]]:
     """Parse one file. Returns the document (None on syntax errors) and every diagnostic."""
     with gc_paused():
-        return _parse_document(text, path)
+        return _parse_document(normalize(text), path)
 
 
 def _parse_document(text: str, path: str) -> tuple[ir.Document | None, list[Diagnostic]]:
@@ -342,6 +353,9 @@ class ToIR:
     def num(self, token: Token, *, whole: bool = True) -> ir.Num:
         """A number as written: digits give an exact int, anything else a finite float."""
         text, span = str(token), self.token_span(token)
+        if len(text) > MAX_DIGITS:  # no setting takes such a number; int() would refuse it
+            self.error(f"{text[:12]}... is too large ({len(text)} digits)", span)
+            return ir.Num(0, span)
         if text.isdigit():
             return ir.Num(int(text), span)
         if whole:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import cache
+from re import _constants, _parser
+from typing import Any
 
 from qspec.dsl.ir import Pattern
 
@@ -37,11 +39,145 @@ def compile_pattern(pattern: Pattern) -> re.Pattern[str]:
 def _compile(text: str, regex: bool) -> re.Pattern[str]:
     source = text if regex else glob_to_regex(text)
     try:
-        return re.compile(source)
+        compiled = re.compile(source)
+        if regex:
+            _check_backtracking(_parser.parse(source))
     except re.error as error:
         if not regex:
             raise PatternError(f"invalid glob: {error.msg}", 0) from None
         raise PatternError(f"invalid regex: {error.msg}", error.pos or 0) from None
+    except RecursionError:
+        raise PatternError("the regex nests too deeply", 0) from None
+    return compiled
+
+
+# ---- patterns that backtrack exponentially ---------------------------------------------------
+# Python's engine backtracks: `(a+)+$` takes seconds on a 30-character name that does not match
+# and years on a 60-character one. That happens when a repeated part can split the same text in
+# several ways: it holds a repeat of its own (or alternatives that start alike) and nothing in it
+# marks where one round ends. `(\.\d+)*` is fine: each round starts with a '.' that `\d+` cannot
+# take. Such patterns are refused when checked, before any layer name meets them.
+
+_Items = Any  # re._parser's parse tree: a list of (opcode, argument) pairs
+_REPEATS = (_constants.MAX_REPEAT, _constants.MIN_REPEAT)
+
+
+def _check_backtracking(items: _Items) -> None:
+    for op, av in items:
+        if op in _REPEATS and av[1] > 1:
+            hazards = _hazards(av[2])
+            if hazards and not any(
+                not _can_start(h, c) for c in _delimiters(av[2]) for h in hazards
+            ):
+                raise PatternError(
+                    "this regex can take exponential time on a layer name it does not match: "
+                    "a repeated group holds a repeat (or alternatives that start alike) "
+                    "with nothing that marks where each round ends",
+                    0,
+                )
+        for sub in _children(op, av):
+            _check_backtracking(sub)
+
+
+def _children(op: Any, av: Any) -> list[_Items]:
+    """The sub-sequences of one node of the parse tree."""
+    if op in _REPEATS or op is _constants.POSSESSIVE_REPEAT:
+        return [av[2]]
+    if op is _constants.SUBPATTERN:
+        return [av[3]]
+    if op is _constants.BRANCH:
+        return list(av[1])
+    if op is _constants.ATOMIC_GROUP:
+        return [av]
+    if op in (_constants.ASSERT, _constants.ASSERT_NOT):
+        return [av[1]]
+    if op is _constants.GROUPREF_EXISTS:
+        return [av[1]] + ([av[2]] if av[2] else [])
+    return []
+
+
+def _hazards(items: _Items) -> list[_Items]:
+    """The parts of a repeated sequence that can match in more than one way: inner repeats and
+    alternatives whose first characters are not all distinct literals (atomic ones cannot)."""
+    found: list[_Items] = []
+    for op, av in items:
+        if op in _REPEATS and av[1] > 1:
+            found.append([(op, av)])
+        elif op is _constants.BRANCH:
+            firsts = [b[0] if b else None for b in av[1]]
+            literal = all(f is not None and f[0] is _constants.LITERAL for f in firsts)
+            if not literal or len({f[1] for f in firsts}) < len(firsts):  # type: ignore[index]
+                found.append([(op, av)])
+        if op is not _constants.ATOMIC_GROUP and op is not _constants.POSSESSIVE_REPEAT:
+            for sub in _children(op, av):
+                found += _hazards(sub)
+    return found
+
+
+def _delimiters(items: _Items) -> list[int]:
+    """Characters every match of the sequence contains, outside any repeat or alternative."""
+    found: list[int] = []
+    for op, av in items:
+        if op is _constants.LITERAL:
+            found.append(av)
+        elif op is _constants.SUBPATTERN:
+            found += _delimiters(av[3])
+    return found
+
+
+def _can_start(items: _Items, char: int) -> bool:
+    """Whether some character that `items` can match is `char` (True when unsure)."""
+    text = chr(char)
+    for op, av in items:
+        if op is _constants.LITERAL:
+            if av == char:
+                return True
+        elif op is _constants.NOT_LITERAL:
+            if av != char:
+                return True
+        elif op is _constants.IN:
+            if _in_class(av, text):
+                return True
+        elif op is _constants.AT:
+            continue
+        elif op in _REPEATS or op in (
+            _constants.POSSESSIVE_REPEAT,
+            _constants.SUBPATTERN,
+            _constants.BRANCH,
+            _constants.ATOMIC_GROUP,
+        ):
+            if any(_can_start(sub, char) for sub in _children(op, av)):
+                return True
+        else:  # ANY, back references, lookarounds: assume the worst
+            return True
+    return False
+
+
+_CATEGORIES = {
+    _constants.CATEGORY_DIGIT: r"\d",
+    _constants.CATEGORY_NOT_DIGIT: r"\D",
+    _constants.CATEGORY_WORD: r"\w",
+    _constants.CATEGORY_NOT_WORD: r"\W",
+    _constants.CATEGORY_SPACE: r"\s",
+    _constants.CATEGORY_NOT_SPACE: r"\S",
+}
+
+
+def _in_class(members: Any, text: str) -> bool:
+    """Whether the character class re._parser parsed into `members` matches `text`."""
+    char, negate, hit = ord(text), False, False
+    for op, av in members:
+        if op is _constants.NEGATE:
+            negate = True
+        elif op is _constants.LITERAL:
+            hit = hit or av == char
+        elif op is _constants.RANGE:
+            hit = hit or av[0] <= char <= av[1]
+        elif op is _constants.CATEGORY and av in _CATEGORIES:
+            hit = hit or re.fullmatch(_CATEGORIES[av], text) is not None
+        else:
+            return True
+    return hit != negate
 
 
 def glob_to_regex(glob: str) -> str:

@@ -262,7 +262,7 @@ def _previous_word(text: str, position: int) -> str | None:
 def _unclosed_brace(text: str) -> tuple[int, int] | None:
     """(line, column) of the last '{' in `text` that has no matching '}'."""
     stack: list[tuple[int, int]] = []
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(text.split("\n"), 1):
         code = re.sub(r'"(?:[^"\\\n]|\\.)*"|#.*', lambda m: " " * len(m.group()), line)
         for column, char in enumerate(code, 1):
             if char == "{":

@@ -73,6 +73,12 @@ class Checker:
             )
         if calibration.samples is not None and calibration.samples.value < 1:
             self.error("samples must be at least 1", calibration.samples.span)
+        if calibration.holdout is not None and calibration.holdout.value < 1:
+            self.error(
+                "holdout must be at least 1",
+                calibration.holdout.span,
+                help="verification runs the artifact on the held-out rows: hold out at least one",
+            )
 
     def evaluate(self, evaluate: ir.Evaluate) -> None:
         if not _is_entry(evaluate.entry.text):

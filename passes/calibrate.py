@@ -25,6 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from qspec.compiler.capture import Layer
+from qspec.compiler.errors import CompileFailure
 from qspec.compiler.layercache import Entry
 from qspec.compiler.state import LayerStats, State
 from qspec.passes.methods import needs_hessian
@@ -62,6 +63,59 @@ class _Done(Exception):
     """Raised from a hook once every layer in scope has seen the batch: skip the rest."""
 
 
+class _NonFinite(Exception):
+    """Raised from a hook at the first module whose input or output is NaN or infinite."""
+
+    def __init__(self, where: str):
+        super().__init__(where)
+        self.where = where
+
+
+def _finite(value: object) -> bool:
+    """No NaN or infinity in a tensor, or in the tensors of a tuple or list (other values
+    are not activations)."""
+    if isinstance(value, tuple | list):
+        return all(_finite(item) for item in value)
+    return not isinstance(value, torch.Tensor) or bool(torch.isfinite(value).all())
+
+
+def locate_nonfinite(module: nn.Module, batch: dict[str, torch.Tensor]) -> str:
+    """Where `module`'s activations on `batch` first stop being finite (inputs are finite,
+    so a layer overflowed): the first module, in execution order, with a NaN or infinite
+    input (an operation between modules overflowed) or output."""
+
+    def hook(child, inputs, output, name: str) -> None:
+        if not all(_finite(x) for x in inputs):
+            raise _NonFinite(f"the input of '{name}' ({type(child).__name__})")
+        if not _finite(output):
+            raise _NonFinite(f"the output of '{name}' ({type(child).__name__})")
+
+    hooks = [
+        child.register_forward_hook(partial(hook, name=name))
+        for name, child in module.named_modules()
+        if name and not next(child.children(), None)  # leaves: the layers and activations
+    ]
+    try:
+        with torch.no_grad():
+            module(**batch)
+    except _NonFinite as found:
+        return found.where
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return "the model's output, after its last layer"
+
+
+def nonfinite_failure(
+    module: nn.Module, batch: dict[str, torch.Tensor], what: str
+) -> CompileFailure:
+    """The CompileFailure for activations that overflow on finite data."""
+    return CompileFailure(
+        f"activations become NaN or infinite on {what} (finite data): first at "
+        f"{locate_nonfinite(module, batch)}; the model overflows in float32 on this data"
+    )
+
+
 def run(state: State) -> State:
     plans = {n: p for n, p in state.plan.layers.items() if p.compressed or p.bias_correction}
     wanted = plans if state.scope is None else state.scope
@@ -80,6 +134,8 @@ def run(state: State) -> State:
 
         def hook(child, inputs, output, name=name, layer=layer, second_moment=second_moment):
             x = inputs[0].detach()
+            if not (_finite(x) and _finite(output)):
+                raise _NonFinite(name)
             layer_stats = stats[name]
             _accumulate(layer_stats, layer, child, x, output.detach().float(), second_moment)
             seen.add(name)
@@ -95,6 +151,10 @@ def run(state: State) -> State:
                 _progress(state, index, len(batches))
                 with contextlib.suppress(_Done):
                     module(**batch)
+    except _NonFinite:
+        for handle in hooks:  # locating runs the model again, without these hooks
+            handle.remove()
+        raise nonfinite_failure(module, batch, f"calibration batch {index}") from None
     finally:
         for handle in hooks:
             handle.remove()

@@ -54,7 +54,8 @@ def fidelity_floors_missed(fidelity: dict[str, Any] | None, floors: dict[str, fl
     missed = []
     for name, floor in floors.items():
         value = None if fidelity is None else fidelity.get(FIDELITY_FIELDS.get(name, name))
-        if value is None or value < floor:
+        value = None if value is None else float(value)  # report.json writes NaN as "nan"
+        if value is None or not value >= floor:  # NaN is below every floor
             missed.append(f"{name} {value} < {floor}")
     return missed
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import errno
 import json
+import math
 import os
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -18,9 +21,12 @@ from pathlib import Path
 from qspec import __version__
 from qspec.compiler.cache import cache_settings
 from qspec.compiler.errors import CompileFailure, UserError
-from qspec.dsl.diagnostics import Diagnostic, SpecError
+from qspec.dsl.diagnostics import Diagnostic, SpecError, did_you_mean
+from qspec.dsl.files import NotRegularFile
 from qspec.dsl.format import format_text
-from qspec.dsl.load import check_file, read_source
+from qspec.dsl.ir import Span
+from qspec.dsl.load import MAX_SPEC_BYTES, check_file, decode_source, read_source
+from qspec.dsl.parser import normalize
 
 OK, CHANGED, USER_ERROR, INTERNAL_ERROR = 0, 1, 2, 3
 
@@ -302,19 +308,20 @@ def run_check(args: argparse.Namespace) -> int:
 def run_fmt(args: argparse.Namespace) -> int:
     status = OK
     for path in args.files:
+        name = "<stdin>" if path == "-" else path
         if path == "-":
-            text, name = sys.stdin.read(), "<stdin>"
+            source, problem = decode_source(sys.stdin.buffer.read(MAX_SPEC_BYTES + 1), name)
         else:
             source, problem = read_source(path)
-            if problem:
-                _report([problem], {})
-                status = USER_ERROR
-                continue
-            assert source is not None
-            text, name = source, path
+        if problem:
+            _report([problem], {})
+            status = USER_ERROR
+            continue
+        assert source is not None
+        text = source  # as written: a BOM or CR line ends count as changes
         formatted, diagnostics = format_text(text, name)
         if formatted is None:
-            _report(diagnostics, {name: text})
+            _report(diagnostics, {name: normalize(text)})
             status = USER_ERROR
             continue
         if args.check:
@@ -331,38 +338,86 @@ def run_fmt(args: argparse.Namespace) -> int:
         elif path == "-":
             sys.stdout.write(formatted)
         elif formatted != text:
-            _write_atomically(Path(path), formatted)
+            try:
+                _rewrite_in_place(Path(path), formatted)
+            except OSError as error:  # read-only, disk full, ...: say so and go on
+                message = f"cannot write file: {error.strerror or error}"
+                _report([Diagnostic("error", message, Span(path, 0, 0, 0, 0))], {})
+                status = USER_ERROR
+                continue
             print(f"formatted {path}", file=sys.stderr)
     return status
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Replace `path` in one step, so an interrupted write leaves the old file intact."""
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _rewrite_in_place(path: Path, text: str) -> None:
+    """Rewrite the file `path` names in place, through symlinks: the inode stays (hard links
+    stay one file), and with it the owner and mode. Space for a longer text is reserved before
+    any byte changes, and Ctrl-C and SIGTERM wait until the new text is whole, so neither a full
+    disk nor an interrupt leaves half a file."""
+    data = text.encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(temporary, path.stat().st_mode & 0o777)
-        os.replace(temporary, path)
-    except BaseException:
-        os.unlink(temporary)
-        raise
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFile(path, "not a regular file")
+        if len(data) > info.st_size and hasattr(os, "posix_fallocate"):
+            try:
+                os.posix_fallocate(fd, info.st_size, len(data) - info.st_size)
+            except OSError as error:
+                if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            written = 0
+            while written < len(data):
+                written += os.pwrite(fd, data[written:], written)
+            os.ftruncate(fd, len(data))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --fail-under metrics and the values each can take (the report's field names work too)
+FAIL_UNDER = {"cosine": (-1.0, 1.0), "cosine_min": (-1.0, 1.0), "snr": None, "top1": (0.0, 1.0)}
+FAIL_UNDER_ALIASES = {"cosine_mean": "cosine", "snr_db": "snr", "top1_agreement": "top1"}
 
 
 def _thresholds(pairs: list[str]) -> dict[str, float]:
-    thresholds = {}
+    """The --fail-under floors, checked before any work: a misspelled metric or a NaN floor
+    would otherwise pass every build (or fail every one) after minutes of compiling."""
+    thresholds: dict[str, float] = {}
     for pair in pairs:
-        name, _, value = pair.partition("=")
+        name, equals, value = (part.strip() for part in pair.partition("="))
+        if not equals or not name or not value:
+            raise UserError(
+                f"--fail-under expects METRIC=VALUE, got '{pair}'", help="for example cosine=0.99"
+            )
+        if name not in FAIL_UNDER and name not in FAIL_UNDER_ALIASES:
+            raise UserError(
+                f"--fail-under: unknown metric '{name}'",
+                expected="one of " + ", ".join(FAIL_UNDER),
+                help=did_you_mean(name, [*FAIL_UNDER, *FAIL_UNDER_ALIASES]),
+            )
         try:
-            thresholds[name.strip()] = float(value)
+            floor = float(value)
         except ValueError:
-            raise UserError(f"--fail-under expects METRIC=VALUE, got '{pair}'") from None
+            raise UserError(f"--fail-under {name}: '{value}' is not a number") from None
+        bounds = FAIL_UNDER[FAIL_UNDER_ALIASES.get(name, name)]
+        if not math.isfinite(floor) or (bounds and not bounds[0] <= floor <= bounds[1]):
+            within = f"from {bounds[0]:g} to {bounds[1]:g}" if bounds else "a finite number"
+            raise UserError(f"--fail-under {name}={value}: the floor must be {within}")
+        if name in thresholds:
+            raise UserError(f"--fail-under {name} is given twice")
+        thresholds[name] = floor
     return thresholds
 
 
 def run_compile(args: argparse.Namespace) -> int:
     from qspec.build import build, up_to_date
 
+    fail_under = _thresholds(args.fail_under)  # options first: no model loads for a typo
     if args.check:
         current, reason = up_to_date(args.spec, args.output)
         if args.json:
@@ -374,7 +429,6 @@ def run_compile(args: argparse.Namespace) -> int:
     log = progress.show
     if args.timings:
         log = progress.and_print
-    fail_under = _thresholds(args.fail_under)
     with progress, _stdout_to_stderr(args.json):
         outcome = build(
             args.spec, args.output, fail_under=fail_under, depfile=args.depfile, log=log
@@ -511,13 +565,14 @@ def summary(manifest: dict, report: dict, latency: dict[str, float]) -> str:
             continue
         line = (
             f"{where} fidelity on {fidelity['samples']} held-out samples: cosine mean "
-            f"{fidelity['cosine_mean']:.5f}, min {fidelity['cosine_min']:.5f}, "
-            f"SNR {fidelity['snr_db']:.1f} dB"
+            f"{float(fidelity['cosine_mean']):.5f}, min {float(fidelity['cosine_min']):.5f}, "
+            f"SNR {float(fidelity['snr_db']):.1f} dB"  # float(): report.json writes "inf"
         )
         if fidelity.get("top1_agreement") is not None:
             line += (
-                f", top-1 agreement {fidelity['top1_agreement']:.4f}, accuracy "
-                f"{fidelity['accuracy_artifact']:.4f} (float {fidelity['accuracy_float']:.4f})"
+                f", top-1 agreement {float(fidelity['top1_agreement']):.4f}, accuracy "
+                f"{float(fidelity['accuracy_artifact']):.4f} "
+                f"(float {float(fidelity['accuracy_float']):.4f})"
             )
         lines.append(line)
     lines += [f"latency {name}: {ms:.2f} ms" for name, ms in latency.items()]
@@ -542,22 +597,78 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def run_artifact(args: argparse.Namespace) -> int:
-    import numpy as np
-
     from qspec.runtime import load
 
+    output = _output_file(args.output)  # before the model runs: a bad path fails at once
     runner = load(args.folder, args.backend)
-    try:
-        with np.load(args.input) as data:
-            inputs = {name: data[name] for name in data.files}
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read {args.input}: {error}") from None
-    outputs = runner(inputs)
-    staging = Path(args.output).with_name(f".{Path(args.output).name}.tmp.npz")
-    np.savez(staging, allow_pickle=False, **outputs)
-    os.replace(staging, args.output)
+    outputs = runner(_read_npz(args.input))
+    _write_npz(output, args.output, outputs)
     print(", ".join(f"{name} {list(array.shape)}" for name, array in outputs.items()))
     return OK
+
+
+def _read_npz(given: str) -> dict:
+    """The arrays of an .npz, as data only: never unpickled, and only from a regular file (a
+    FIFO or device could block or never end)."""
+    import zipfile
+
+    import numpy as np
+
+    help = "save the inputs with numpy.savez(path, NAME=array, ...), named like the model's"
+    if not Path(given).is_file():
+        what = "no such file" if not Path(given).exists() else "not a regular file"
+        raise UserError(f"cannot read {given}: {what}", help=help)
+    try:
+        loaded = np.load(given, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise UserError(f"{given} is a .npy array, not an .npz of named arrays", help=help)
+        with loaded as data:
+            return {name: data[name] for name in data.files}
+    except (OSError, ValueError, EOFError, MemoryError, zipfile.BadZipFile) as error:
+        raise UserError(f"cannot read {given}: {error}", help=help) from None
+
+
+def _output_file(given: str) -> Path:
+    """Where `--output` writes: the path with symlinks followed, which must be a regular file
+    or nothing yet, in a folder that exists."""
+    help = "give --output a file path in an existing folder, such as out.npz"
+    try:
+        path = Path(given).resolve()
+    except (OSError, RuntimeError) as error:  # a symlink loop
+        raise UserError(f"cannot write {given}: {error}", help=help) from None
+    if path.exists() and not path.is_file():
+        what = "a folder" if path.is_dir() else "not a regular file (a device or FIFO)"
+        raise UserError(f"cannot write {given}: it is {what}", help=help)
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {given}: no folder {path.parent}", help=help)
+    return path
+
+
+def _write_npz(path: Path, given: str, arrays: dict) -> None:
+    """Write the arrays into a temporary file beside `path`, renamed over it in one step:
+    a reader never sees half a file, and a failed write leaves nothing behind."""
+    import contextlib
+
+    import numpy as np
+
+    from qspec.compiler.folder import umask
+
+    try:
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~umask()
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as error:
+        raise UserError(f"cannot write {given}: {error.strerror or error}") from None
+    try:
+        with os.fdopen(handle, "wb") as file:
+            np.savez(file, allow_pickle=False, **arrays)
+            os.fchmod(file.fileno(), mode)
+        os.replace(temporary, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        if isinstance(error, OSError):
+            raise UserError(f"cannot write {given}: {error.strerror or error}") from None
+        raise
 
 
 def run_explain(args: argparse.Namespace) -> int:

@@ -30,7 +30,7 @@ from qspec.compiler.folder import (
 from qspec.compiler.inputs import Recording, build_inputs, recording, relative_to
 from qspec.compiler.layercache import open_cache
 from qspec.compiler.qmodel import float_param_bytes
-from qspec.compiler.resolve import Plan, explain, resolve
+from qspec.compiler.resolve import Plan, explain, print_warnings, resolve
 from qspec.compiler.source import (
     Batch,
     CalibrationData,
@@ -102,6 +102,7 @@ def explain_spec(spec_path: str | Path, build_dir: str | Path | None = None) -> 
     try:
         model = load_model(_model_of(spec))
         plan = resolve(spec, capture(model, _model_of(spec).path))
+        print_warnings(plan)
     except UserError as error:
         raise SpecError([error.diagnostic], checked.sources) from error
     return explain(plan, chosen)
@@ -157,6 +158,7 @@ def prepare(
     clock.lap("load")
     graph = capture(model, _model_of(spec).path)
     plan = resolve(spec, graph)
+    print_warnings(plan)
     clock.lap("capture and resolve")
     return Prepared(spec, model, calibration, graph, plan, clock.timings, read=read)
 
@@ -240,7 +242,10 @@ def compile_prepared(
         for entry in budgets:
             if not entry["met"] and entry["metric"] == "latency":
                 log(f"warning: {entry['limit']} not met here: measured {entry['measured']}")
-        body = report.assemble(manifest, fidelity, layer_errors, graph.method, graph.note)
+        # strict JSON: non-finite numbers as "inf"/"-inf"/"nan" in the report and manifest alike
+        body = report.json_safe(
+            report.assemble(manifest, fidelity, layer_errors, graph.method, graph.note)
+        )
         _fail_if_short(fidelity, fail_under, budgets)  # before the folder replaces the old one
         inputs = _inputs(prepared, (stage, out_dir, cache_dir()))
         spec_dir = Path(spec.path).resolve().parent
@@ -256,6 +261,7 @@ def compile_prepared(
             for path in sorted(stage.rglob("*"))
             if path.is_file()
         }
+        manifest = report.json_safe(manifest)
         write_json(stage / MANIFEST, manifest)
     return Build(out_dir, manifest, body, fidelity, clock.timings, latency, inputs)
 

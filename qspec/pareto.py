@@ -9,6 +9,7 @@ point, atomically, so an interrupted sweep keeps the points it finished.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Callable
@@ -32,6 +33,7 @@ RANGE = re.compile(
     r"\s*(?P<unit>[A-Za-z]+)?\s*$"
 )
 FORM = '"METRIC=LOW..HIGH step STEP [UNIT]" or "METRIC=V1,V2,... [UNIT]"'
+MAX_POINTS = 200  # each point is a whole compile; more is a typo in the step
 
 
 @dataclass(frozen=True)
@@ -67,13 +69,24 @@ def parse_budget(text: str) -> Points:
             values = tuple(float(v) for v in match["values"].split(","))
         else:
             low, high, step = (float(match[k]) for k in ("low", "high", "step"))
-            if step <= 0 or high < low:
+            if not all(map(math.isfinite, (low, high, step))) or step <= 0 or high < low:
                 raise ValueError
+            count = math.floor((high - low) / step + 0.5) + 1  # before allocating any of them
+            if count > MAX_POINTS:
+                raise UserError(
+                    f"--budget: {low:g}..{high:g} step {step:g} is {count:,} points; "
+                    f"a sweep has at most {MAX_POINTS}",
+                    help="take a larger step (each point is a whole compile)",
+                )
             values = tuple(np.round(np.arange(low, high + step / 2, step), 6).tolist())
     except ValueError:
         raise UserError(f"--budget expects {FORM} with LOW <= HIGH and STEP > 0") from None
-    if not values or min(values) <= 0:
-        raise UserError("--budget values must be positive")
+    if len(values) > MAX_POINTS:
+        raise UserError(f"--budget: {len(values)} values; a sweep has at most {MAX_POINTS}")
+    if not values or min(values) <= 0 or not all(map(math.isfinite, values)):
+        raise UserError("--budget values must be positive and finite")
+    if metric == "weight_bits" and max(values) > 32:
+        raise UserError("--budget: average weight bits cannot exceed 32")
     return Points(metric, values, unit)
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 from qspec.compiler.capture import Graph
 from qspec.compiler.numerics import nbytes
@@ -262,4 +264,23 @@ def bits_chart(manifest: dict, path: Path) -> None:
 
 
 def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.4g}"
+    return "-" if value is None else f"{float(value):.4g}"
+
+
+def json_safe(data: Any) -> Any:
+    """`data` with every non-finite float as the string "inf", "-inf" or "nan" (what
+    float() reads back), so report.json and the manifest are strict JSON: no bare NaN or
+    Infinity tokens, which most JSON parsers reject. An SNR of an exact match stays "inf"."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return str(data)
+    if isinstance(data, dict):
+        return {key: json_safe(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [json_safe(value) for value in data]
+    return data
+
+
+def number(value: Any) -> float | None:
+    """A number read back from report.json or the manifest: a float, "inf"/"-inf"/"nan" as
+    floats, None as None."""
+    return None if value is None else float(value)

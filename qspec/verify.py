@@ -15,9 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from qspec.compiler.cache import source_digest
 from qspec.compiler.capture import primary_tensor
-from qspec.compiler.layercache import Entry, module_digest, open_module_cache, source_digest
+from qspec.compiler.errors import CompileFailure
+from qspec.compiler.layercache import Entry, module_digest, open_module_cache
 from qspec.compiler.source import Batch
+from qspec.passes.calibrate import nonfinite_failure
 
 # The cache's kinds for the float model's outputs and each layer's errors, and the code that
 # computes them besides the stages every key covers.
@@ -53,24 +56,38 @@ def compare(
     candidate: Sequence[np.ndarray],
     labels: Sequence[np.ndarray] | None,
 ) -> Fidelity:
+    """Never a perfect score it did not measure: a NaN or infinite output makes its row's
+    cosine, the SNR and the top-1 scores NaN (a NaN fails every --fail-under floor), and a
+    zero output scores cosine 1 only against a zero reference. float64 throughout: squares
+    of float32 outputs, even near float32's limit, do not overflow."""
     ref = np.concatenate([r.reshape(len(r), -1) for r in reference]).astype(np.float64)
     out = np.concatenate([c.reshape(len(c), -1) for c in candidate]).astype(np.float64)
-    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1)
-    cosine = np.where(norms > 0, (ref * out).sum(1) / np.maximum(norms, 1e-30), 1.0)
-    noise = float(((ref - out) ** 2).sum())
-    snr = 10 * np.log10(float((ref**2).sum()) / noise) if noise > 0 else float("inf")
+    rows_finite = np.isfinite(ref).all(1) & np.isfinite(out).all(1)
+    finite = bool(rows_finite.all())
+    with np.errstate(all="ignore"):  # non-finite rows give NaN, as they should
+        nr, no = np.linalg.norm(ref, axis=1), np.linalg.norm(out, axis=1)
+        cosine = np.clip((ref * out).sum(1) / np.maximum(nr * no, 1e-300), -1.0, 1.0)
+        cosine = np.where((nr == 0) | (no == 0), ((nr == 0) & (no == 0)) * 1.0, cosine)
+        cosine = np.where(rows_finite, cosine, np.nan)
+        noise = float(((ref - out) ** 2).sum())
+        signal = float((ref**2).sum())
+    if not finite:
+        snr = float("nan")
+    else:
+        snr = 10 * np.log10(signal / noise) if noise > 0 else float("inf")
     top1 = acc_float = acc_art = None
     if labels is not None:
         truth = np.concatenate(labels)
-        top1 = float((ref.argmax(1) == out.argmax(1)).mean())
-        acc_float = float((ref.argmax(1) == truth).mean())
-        acc_art = float((out.argmax(1) == truth).mean())
+        nan = float("nan")
+        top1 = float((ref.argmax(1) == out.argmax(1)).mean()) if finite else nan
+        acc_float = float((ref.argmax(1) == truth).mean()) if np.isfinite(ref).all() else nan
+        acc_art = float((out.argmax(1) == truth).mean()) if finite else nan
     return Fidelity(
         samples=len(ref),
         cosine_mean=float(cosine.mean()),
         cosine_min=float(cosine.min()),
         snr_db=float(snr),
-        max_abs_error=float(np.abs(ref - out).max()),
+        max_abs_error=float(np.abs(ref - out).max()) if finite else float("nan"),
         top1_agreement=top1,
         accuracy_float=acc_float,
         accuracy_artifact=acc_art,
@@ -82,10 +99,24 @@ def end_to_end(
     run_artifact: Callable[[Batch], np.ndarray],
     holdout: Sequence[Batch],
     labels: Sequence[torch.Tensor] | None,
+    what: str = "the artifact",
 ) -> Fidelity:
+    """The artifact against the float model on the held-out batches. Non-finite outputs on
+    finite data fail the build: the float model's, naming where it first overflows; the
+    artifact's, with how many samples."""
+    reference = reference_outputs(module, holdout)
+    for index, output in enumerate(reference):
+        if not np.isfinite(output).all():
+            raise nonfinite_failure(module, holdout[index], f"held-out batch {index}")
     candidate = [run_artifact(batch) for batch in holdout]
+    bad = sum(int((~np.isfinite(c.reshape(len(c), -1))).any(1).sum()) for c in candidate)
+    if bad:
+        raise CompileFailure(
+            f"{what} outputs NaN or infinite values on {bad} of "
+            f"{sum(len(c) for c in candidate)} held-out samples (the float model's are finite)"
+        )
     truth = [t.numpy() for t in labels] if labels else None
-    return compare(reference_outputs(module, holdout), candidate, truth)
+    return compare(reference, candidate, truth)
 
 
 def reference_outputs(module: torch.nn.Module, holdout: Sequence[Batch]) -> list[np.ndarray]:
@@ -151,9 +182,9 @@ def _per_layer(
             continue
 
         def hook(_module, inputs, output, name: str = name) -> None:
-            approximate = lowered[name](*inputs)
-            noise[name] += float(((approximate - output) ** 2).sum())
-            signal[name] += float((output**2).sum())
+            approximate = lowered[name](*inputs).double()  # float64: squares do not overflow
+            noise[name] += float(((approximate - output.double()) ** 2).sum())
+            signal[name] += float((output.double() ** 2).sum())
 
         hooks.append(child.register_forward_hook(hook))
     try:
@@ -165,7 +196,12 @@ def _per_layer(
             handle.remove()
     errors = {}
     for name in lowered:
-        relative = (noise[name] / signal[name]) ** 0.5 if signal[name] else 0.0
+        relative = (noise[name] / signal[name]) ** 0.5 if signal[name] else _ratio(noise[name])
         snr = 10 * np.log10(signal[name] / noise[name]) if noise[name] else float("inf")
         errors[name] = {"relative_error": _round(relative), "snr_db": _round(float(snr))}
     return errors
+
+
+def _ratio(noise: float) -> float:
+    """noise / 0: 0 when there is no noise either, else infinite (never a perfect 0)."""
+    return float("inf") if noise else 0.0

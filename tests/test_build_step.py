@@ -149,7 +149,7 @@ def test_builds_follow_the_umask_and_a_failed_build_keeps_the_previous(
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o755
     before = snapshot(out)
-    assert compile_(project, str(out), "--fail-under", "cosine=1.01", "--no-cache") == 1
+    assert compile_(project, str(out), "--fail-under", "snr=1000", "--no-cache") == 1
     assert "previous build" in capsys.readouterr().err
     assert snapshot(out) == before
     assert not list(tmp_path.glob(".build.building-*"))

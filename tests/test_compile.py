@@ -308,7 +308,10 @@ def test_nan_calibration_data_is_a_user_error(tmp_path: Path):
     model = CNN_MODEL.replace("BROKEN = False", "BROKEN = True")
     spec = tiny_project(tmp_path, 'layer "head.*" {\n  weight int4 group 32\n}\n', model)
     message = compile_error(spec, tmp_path / "out")
-    assert "tiny.qspec:3:13: error: calibration input 'image' has NaN or infinite values" in message
+    assert (
+        "tiny.qspec:3:13: error: calibration input 'image' has NaN at [0, 0, 0, 0] in batch 3 "
+        "of model.py:batches" in message
+    )
 
 
 @pytest.mark.parametrize(

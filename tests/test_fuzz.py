@@ -28,7 +28,7 @@ import pytest
 from qspec.dsl import ir
 from qspec.dsl.format import format_document, format_text
 from qspec.dsl.load import Checked, check_file
-from qspec.dsl.parser import parse_document
+from qspec.dsl.parser import normalize, parse_document
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").rglob("*.qspec"))
@@ -212,7 +212,7 @@ def problems_with_check(path: Path, text: str) -> list[str]:
         problems.append("no errors and no spec")
 
     name = os.fspath(path)
-    last_line = text.count("\n") + 1
+    last_line = normalize(text).count("\n") + 1  # CR and CRLF end lines too
     for diagnostic in checked.diagnostics:
         try:
             rendered = diagnostic.render(checked.sources)

@@ -26,6 +26,11 @@ class OnnxRunner:
             providers.insert(0, "CUDAExecutionProvider")
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
+        # Fixed sizes per input (None where a dimension is free), checked before a run.
+        self.input_shapes = {
+            i.name: [size if isinstance(size, int) else None for size in i.shape]
+            for i in self.session.get_inputs()
+        }
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -3,9 +3,9 @@ GPU machine without NVRTC or a compiler.
 
 TVM embeds a fatbin only when its CUDA runtime library is loaded during `tvm.compile`, and that
 library links against the driver (libcuda.so.1). On a build machine without a driver the
-compile runs in a subprocess that first loads `driver_stub.c` (built once with the C compiler
-nvcc needs anyway) in the driver's place. Without nvcc the library carries CUDA source, which
-the TVM runtime compiles when it loads.
+compile runs in a subprocess that first loads `driver_stub.c` (compiled for each compile, with
+the C compiler nvcc needs anyway) in the driver's place. Without nvcc the library carries CUDA
+source, which the TVM runtime compiles when it loads.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qspec.compiler.cache import cache_dir
 from qspec.compiler.errors import CompileFailure
 
 if TYPE_CHECKING:  # export imports this module
@@ -39,9 +38,9 @@ def compile_library(program, target: dict, folder: Path) -> tuple[Compiled, str]
     if shutil.which("nvcc") is None:
         return compile_program(program, target, folder), "CUDA source, compiled when loaded"
     env = dict(os.environ, TVM_CUDA_COMPILE_MODE="nvcc")
-    if ctypes.util.find_library("cuda") is None:
-        env["QSPEC_CUDA_DRIVER_STUB"] = str(_driver_stub())
     with tempfile.TemporaryDirectory() as scratch:
+        if ctypes.util.find_library("cuda") is None:
+            env["QSPEC_CUDA_DRIVER_STUB"] = str(_driver_stub(Path(scratch)))
         saved = Path(scratch) / "program.pt2"
         torch.export.save(program, saved)
         command = [sys.executable, "-m", __name__, str(saved), json.dumps(target), str(folder)]
@@ -52,18 +51,19 @@ def compile_library(program, target: dict, folder: Path) -> tuple[Compiled, str]
     return Compiled(*json.loads(done.stdout.strip().splitlines()[-1])), "fatbin (nvcc)"
 
 
-def _driver_stub() -> Path:
-    stub = cache_dir() / "cuda-driver-stub" / "libcuda.so.1"
-    if stub.exists():
-        return stub
+def _driver_stub(scratch: Path) -> Path:
+    """The stand-in driver, compiled afresh into this compile's private scratch folder: a
+    library loaded into the compiler process is never one read back from a shared cache
+    folder, where anyone who can write it could plant code (and a compile of it is cheap)."""
     compiler = shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise CompileFailure("compiling CUDA kernels without a GPU driver needs a C compiler")
-    stub.parent.mkdir(parents=True, exist_ok=True)
-    partial = stub.with_suffix(f".{os.getpid()}")
-    command = [compiler, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(partial)]
-    subprocess.run([*command, str(STUB_SOURCE)], check=True, capture_output=True)
-    os.replace(partial, stub)
+    stub = scratch / "libcuda.so.1"
+    command = [compiler, "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", str(stub)]
+    done = subprocess.run([*command, str(STUB_SOURCE)], capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines() or ["no output"]
+        raise CompileFailure(f"compiling the CUDA driver stand-in failed: {lines[-1]}")
     return stub
 
 

@@ -29,6 +29,8 @@ class TvmRunner:
                 "GPU: run another target with --backend"
             )
         device = tvm.cuda() if entry["device"] == "cuda" else tvm.cpu()
+        if Path(entry["file"]).suffix != ".so":  # TVM picks a loader by suffix; .tar/.o link
+            raise UserError(f"{entry['name']} in {folder} names {entry['file']}, not a .so library")
         library = tvm.runtime.load_module(str(folder / entry["file"]))
         self.vm = relax.VirtualMachine(library, device)
         stored = tvm.runtime.load_param_dict_from_file(str(folder / entry["params"]))

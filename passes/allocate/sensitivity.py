@@ -87,7 +87,6 @@ def measure(
         layer_plan = state.plan.layers[name]
         module = float_module.get_submodule(name)
         original = float_matrix(layer_plan.layer, module)
-        hessian = state.stats[name].hessian
         options[name] = []
         for candidate in layer_plan.candidates or ():
             plan = layer_plan.choose(candidate)
@@ -102,7 +101,7 @@ def measure(
                 elif how == "metric":
                     error = score()(name, weight)
                 else:
-                    error = output_error(delta, hessian)
+                    error = _output_error(state, name, delta)
                 found = error, layer_costs(plan, compressed, module, costs)
                 if key is not None:
                     _save_option(state, key, found)
@@ -112,6 +111,16 @@ def measure(
                 spent["latency"] = latency_delta(plan, compressed, module, shape, costs)
             options[name].append(Option(plan, candidate.describe(), error, spent, weight))
     return Sensitivity(options, how, time.perf_counter() - start)
+
+
+def _output_error(state: State, name: str, delta: np.ndarray) -> float:
+    """A layer's squared output error per calibration row, trace(ΔW H ΔWᵀ) with H = XᵀX / n.
+    An embedding's input is indices, so it has no XᵀX: each row looks up one of its `rows`
+    entries and, with every token equally likely, the mean error is ‖ΔW‖² / rows."""
+    stats = state.stats[name]
+    if stats.xtx is not None:
+        return output_error(delta, stats.hessian)
+    return output_error(delta, None) / max(state.graph.layers[name].rows, 1)
 
 
 def _option_key(
