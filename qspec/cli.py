@@ -552,10 +552,12 @@ def run_cache(args: argparse.Namespace) -> int:
 def summary(manifest: dict, report: dict, latency: dict[str, float]) -> str:
     totals = manifest["totals"]
     target = manifest["targets"][0]
+    ratio = float(totals["float_to_artifact"])
+    # a tiny model's artifact can outgrow its float weights (scales, zero points, graph)
+    size = f"{ratio}x smaller" if ratio >= 1 else f"{1 / ratio:.3f}x larger"
     lines = [
         f"built {target['file']}: {totals['artifact_bytes'] / 1e6:.2f} MB "
-        f"({totals['float_to_artifact']}x smaller than float, "
-        f"{totals['artifact_to_min']}x the theoretical minimum)",
+        f"({size} than float, {totals['artifact_to_min']}x the theoretical minimum)",
     ]
     for entry in report["targets"]:
         fidelity = entry.get("fidelity")
