@@ -43,13 +43,21 @@ def package_version(package: str) -> str:
 
 
 SOURCE_SUFFIXES = (".py", ".lark", ".c")
+# The folders that install as qspec's subpackages (and qspec/ itself): qspec's own code.
+SOURCE_FOLDERS = ("dsl", "compiler", "passes", "backends", "qspec")
+SOURCE_ROOT = Path(__file__).resolve().parents[1]
+
+
+def is_qspec_source(path: Path) -> bool:
+    """Whether a resolved path is one of qspec's own files (never a build's input)."""
+    return any(path.is_relative_to(SOURCE_ROOT / folder) for folder in SOURCE_FOLDERS)
 
 
 @cache
 def source_digest(*stages: str) -> str:
     """sha256 of the source files of qspec's `stages` (folders: "passes", "backends"; Python,
     grammar and C): results computed by code that has changed since are stale."""
-    root = Path(__file__).resolve().parents[1]
+    root = SOURCE_ROOT
     files = sorted(
         path
         for stage in stages

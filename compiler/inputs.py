@@ -26,6 +26,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from qspec.compiler.cache import is_qspec_source
+
 ENTRY_PREFIX = "qspec_user_"  # how compiler.source names the modules of entry files
 CODE_SUFFIXES = {".py", ".pyc", ".pyi", ".pyd", ".so", ".pth"}
 SYSTEM_ROOTS = tuple(map(Path, ("/proc", "/sys", "/dev", "/etc", "/lib", "/lib64", "/usr/lib")))
@@ -195,7 +197,7 @@ def build_inputs(read: Iterable[Path], named: Iterable[Path]) -> list[Path]:
             part.endswith((".dist-info", ".egg-info")) for part in resolved.parts
         ):
             continue  # kernel files and package metadata (read by importlib.metadata)
-        if resolved.suffix in CODE_SUFFIXES:
+        if resolved.suffix in CODE_SUFFIXES or is_qspec_source(resolved):
             continue  # code counts as a user module only (tracebacks read library sources)
         files.add(resolved)
         if resolved.name == "config.json" and _is_model_folder(resolved.parent):

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, TypeGuard
 
-from qspec.compiler.cache import cache_dir, package_version, source_digest
+from qspec.compiler.cache import SOURCE_FOLDERS, cache_dir, package_version, source_digest
 from qspec.compiler.folder import FORMAT_VERSION, MANIFEST, sha256_file
 from qspec.dsl import ir
 
@@ -43,8 +43,6 @@ TOOLS = (
     "lark",
     "transformers",
 )
-# qspec's own code: a development install changes without a new version number
-SOURCE_FOLDERS = ("dsl", "compiler", "passes", "backends", "qspec")
 DEFAULT_LIMIT = 5 << 30  # bytes; QSPEC_CACHE_SIZE overrides ("2G", "500M", "1048576")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -79,6 +77,7 @@ def action_key(spec: ir.Spec) -> str:
         "spec_name": Path(spec.path).name,
         "spec": canonical,
         "tools": tool_versions(),
+        # a development install's code changes without a new version number
         "qspec_source": source_digest(*SOURCE_FOLDERS),
         "host": host_features(),
         "source_date_epoch": os.environ.get("SOURCE_DATE_EPOCH"),

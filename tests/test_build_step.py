@@ -414,6 +414,19 @@ def test_only_hugging_face_folders_count_whole(tmp_path: Path):
     ]
 
 
+def test_qspec_reading_its_own_files_adds_no_inputs(tmp_path: Path):
+    """The cache key hashes qspec's source (the grammar, the CUDA stub's C) during a build:
+    those reads are qspec's, not the build's, or the first build in a process would list them."""
+    from qspec.compiler.cache import SOURCE_ROOT
+    from qspec.compiler.inputs import build_inputs
+
+    data = tmp_path / "data.npz"
+    data.write_bytes(b"x")
+    own = [SOURCE_ROOT / "backends" / "tvm" / "driver_stub.c", SOURCE_ROOT / "dsl" / "qspec.lark"]
+    assert all(path.is_file() for path in own)
+    assert build_inputs([*own, data], []) == [data.resolve()]
+
+
 def test_an_input_changed_during_the_build_is_caught(tmp_path: Path):
     from qspec.compiler.inputs import recording
 
