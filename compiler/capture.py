@@ -14,7 +14,7 @@ from typing import Any, Literal, cast
 import numpy as np
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path
 
 from qspec.compiler.errors import UserError
 from qspec.compiler.source import LoadedModel
@@ -204,3 +204,13 @@ def primary_tensor(output: object) -> torch.Tensor:
     """The first tensor of whatever the model returns (tensor, tuple, dict, ModelOutput)."""
     leaves, _ = tree_flatten(output)
     return next(leaf for leaf in leaves if isinstance(leaf, torch.Tensor))
+
+
+def output_tensors(output: object) -> list[tuple[str, torch.Tensor]]:
+    """Every tensor the model returns, named by its place (`output`, `output[1]`,
+    `output['logits']`), in the order the ONNX exporter flattens them: so verification can
+    score each output, not only the first."""
+    leaves, _ = tree_flatten_with_path(output)
+    return [
+        (f"output{keystr(path)}", leaf) for path, leaf in leaves if isinstance(leaf, torch.Tensor)
+    ]

@@ -21,7 +21,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from qspec.compiler.errors import UserError
@@ -54,6 +54,10 @@ def check_replaceable(
     if out_dir.is_dir() and (ours or _is_build)(out_dir):
         return
     what = "a file" if not out_dir.is_dir() else "a folder that is not a qspec build"
+    extra = _added_to_build(out_dir) if ours is None else []
+    if extra:
+        shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
+        what = f"a qspec build that also holds {shown}, which qspec did not write"
     raise UserError(
         f"-o {given!r} is {what}: qspec replaces only empty folders and its own builds",
         help="choose another output folder, or remove it yourself",
@@ -95,11 +99,37 @@ def cannot_write(out_dir: Path, error: OSError) -> UserError:
 
 
 def _is_build(folder: Path) -> bool:
+    """A folder holding exactly what a build wrote: its manifest and the files the manifest
+    lists. A user's file added to a build (notes, a data folder) makes it theirs to remove."""
     try:
         manifest = read_manifest(folder)
     except (OSError, ValueError):
         return False
-    return isinstance(manifest, dict) and "format_version" in manifest
+    listed = manifest.get("files")
+    if "format_version" not in manifest or not isinstance(listed, dict):
+        return False
+    return not foreign_files(folder, {MANIFEST, *map(str, listed)})
+
+
+def _added_to_build(folder: Path) -> list[str]:
+    """What a user added to a build folder (nothing where it is no build at all)."""
+    try:
+        listed = read_manifest(folder).get("files")
+    except (OSError, ValueError):
+        return []
+    return foreign_files(folder, {MANIFEST, *map(str, listed)}) if isinstance(listed, dict) else []
+
+
+def foreign_files(folder: Path, ours: set[str]) -> list[str]:
+    """Paths under `folder` (relative, POSIX) that are neither in `ours` nor folders on the way
+    to one of them: what qspec did not write."""
+    parents = {str(parent) for name in ours for parent in PurePosixPath(name).parents}
+    return sorted(
+        relative
+        for path in folder.rglob("*")
+        if (relative := path.relative_to(folder).as_posix()) not in ours
+        and not (relative in parents and path.is_dir() and not path.is_symlink())
+    )
 
 
 @contextmanager

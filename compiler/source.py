@@ -27,7 +27,7 @@ from qspec.compiler.errors import UserError
 from qspec.compiler.inputs import ENTRY_PREFIX
 from qspec.dsl import ir
 from qspec.dsl.diagnostics import did_you_mean
-from qspec.dsl.files import regular_file_problem
+from qspec.dsl.files import numpy_load_error, regular_file_problem
 
 Batch = dict[str, torch.Tensor]
 BATCH_ROWS = 32  # rows per batch when slicing array files
@@ -355,6 +355,8 @@ def load_calibration(
         )
     held, held_labels = _last_rows(list(tail), holdout)
     _try_shapes(model, head + held, source)
+    if held_labels:
+        _check_label_range(model, held, held_labels, source)
     digest = hashlib.sha256()
     for batch in head + held:
         for name in sorted(batch):
@@ -439,6 +441,8 @@ def _array_batches(word: ir.Word) -> Iterable[tuple[Batch, torch.Tensor | None]]
     for name, array in arrays.items():
         _check_array(word, name, array)
     labels = arrays.pop("labels", None)
+    if labels is not None:
+        _check_labels(word, labels)
     if not arrays:
         raise UserError(
             f"'{word.text}' holds no input arrays",
@@ -492,7 +496,7 @@ def _read_arrays(word: ir.Word) -> dict[str, torch.Tensor]:
     except Exception as error:  # numpy's zip and .npy parsers: any failure is the file's
         what = f"array '{name}' of '{word.text}'" if name else f"'{word.text}'"
         raise UserError(
-            f"cannot read {what}: {error}",
+            f"cannot read {what}: {numpy_load_error(error)}",
             word.span,
             help="write it with numpy.savez(path, name=array) from numeric arrays (qspec never "
             "unpickles data files, so object arrays cannot be read)",
@@ -514,6 +518,39 @@ def _check_array(word: ir.Word, name: str, array: torch.Tensor) -> None:
             f"{word.text}: array '{name}' has {bad}",
             word.span,
             help="statistics, scales and GPTQ need finite data: clean or drop those rows",
+        )
+
+
+def _check_labels(word: ir.Word, labels: torch.Tensor) -> None:
+    """Labels are one class index per sample: accuracy on anything else would be garbage
+    reported as a number."""
+    help = "save labels as a 1-D integer array of class indices: labels=y.astype('int64')"
+    if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
+        raise UserError(
+            f"{word.text}: array 'labels' is {labels.dtype} of shape {list(labels.shape)}, "
+            "not one class index per sample",
+            word.span,
+            help=help,
+        )
+    if labels.dtype == torch.bool or (len(labels) and int(labels.min()) < 0):
+        raise UserError(f"{word.text}: 'labels' holds negative or boolean values", word.span)
+
+
+def _check_label_range(
+    model: LoadedModel, held: list[Batch], labels: list[torch.Tensor], word: ir.Word
+) -> None:
+    """Every held-out label indexes a class of the model's first output."""
+    from qspec.compiler.capture import primary_tensor  # capture imports this module
+
+    with torch.no_grad():
+        classes = primary_tensor(model.module(**held[0])).shape[-1]
+    top = max(int(batch_labels.max()) for batch_labels in labels if len(batch_labels))
+    if top >= classes:
+        raise UserError(
+            f"{word.text}: label {top} is out of range: the model's first output has "
+            f"{classes} classes",
+            word.span,
+            help="labels are class indices from 0 to the number of classes - 1",
         )
 
 

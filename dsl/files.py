@@ -60,3 +60,12 @@ def read_regular(path: str | os.PathLike[str], limit: int) -> bytes:
     if len(data) > limit:
         raise NotRegularFile(path, f"larger than {limit // 2**20} MiB")
     return data
+
+
+def numpy_load_error(error: Exception) -> str:
+    """numpy's message for a file it cannot load, without its advice to load pickles
+    ("If you trust the file ... allow_pickle"): qspec never unpickles a data file."""
+    text = str(error)
+    if "allow_pickle" in text or "pickled" in text:
+        return "not arrays numpy can read without unpickling (qspec never unpickles data files)"
+    return text

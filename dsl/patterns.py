@@ -48,6 +48,8 @@ def _compile(text: str, regex: bool) -> re.Pattern[str]:
         raise PatternError(f"invalid regex: {error.msg}", error.pos or 0) from None
     except RecursionError:
         raise PatternError("the regex nests too deeply", 0) from None
+    except OverflowError:  # a repeat count beyond what the engine holds: a{99999999999}
+        raise PatternError("a repeat count in the regex is too large", 0) from None
     return compiled
 
 
@@ -66,17 +68,62 @@ def _check_backtracking(items: _Items) -> None:
     for op, av in items:
         if op in _REPEATS and av[1] > 1:
             hazards = _hazards(av[2])
-            if hazards and not any(
-                not _can_start(h, c) for c in _delimiters(av[2]) for h in hazards
+            if (
+                (_nullable(av[2]) and av[1] != _constants.MAXREPEAT)
+                or _ambiguous_branch(av[2])
+                or (
+                    hazards
+                    and not any(not _can_start(h, c) for c in _delimiters(av[2]) for h in hazards)
+                )
             ):
                 raise PatternError(
                     "this regex can take exponential time on a layer name it does not match: "
-                    "a repeated group holds a repeat (or alternatives that start alike) "
-                    "with nothing that marks where each round ends",
+                    "a repeated group can split the same text in more than one way (a repeat "
+                    "inside it with nothing marking where each round ends, alternatives that "
+                    "start alike, or a round that can be empty)",
                     0,
                 )
         for sub in _children(op, av):
             _check_backtracking(sub)
+
+
+def _nullable(items: _Items) -> bool:
+    """Whether the sequence can match the empty string: rounds of a counted repeat that can be
+    empty split the text in as many ways as there are rounds, `(a?){25}` (an unbounded repeat
+    stops at its first empty round)."""
+    for op, av in items:
+        if op in _REPEATS or op is _constants.POSSESSIVE_REPEAT:
+            if av[0] > 0 and not _nullable(av[2]):
+                return False
+        elif op is _constants.BRANCH:
+            if not any(_nullable(branch) for branch in av[1]):
+                return False
+        elif op is _constants.SUBPATTERN:
+            if not _nullable(av[3]):
+                return False
+        elif op is _constants.ATOMIC_GROUP:
+            if not _nullable(av):
+                return False
+        elif op not in (_constants.AT, _constants.ASSERT, _constants.ASSERT_NOT):
+            return False  # a character, a class, a back reference: takes at least one
+    return True
+
+
+def _ambiguous_branch(items: _Items) -> bool:
+    """Alternatives that match the same text whatever follows (two alike, or two that can be
+    empty, as `(a|a)` parses: a prefix shared by every alternative is factored out): each round
+    can go either way, whatever delimits the rounds."""
+    for op, av in items:
+        if op is _constants.BRANCH:
+            branches = av[1]
+            alike = any(a == b for i, a in enumerate(branches) for b in branches[i + 1 :])
+            if alike or sum(map(_nullable, branches)) > 1:
+                return True
+        if op not in (_constants.ATOMIC_GROUP, _constants.POSSESSIVE_REPEAT) and any(
+            _ambiguous_branch(sub) for sub in _children(op, av)
+        ):
+            return True
+    return False
 
 
 def _children(op: Any, av: Any) -> list[_Items]:

@@ -203,13 +203,16 @@ def _check_depfile(depfile: Path, out: Path) -> None:
 
 
 def _is_depfile(path: Path) -> bool:
+    """An empty file or one whose first line is qspec's rule (a FIFO or device is neither, and
+    is never opened: reading one could block forever)."""
+    if not path.is_file():
+        return False
     try:
         with path.open("rb") as handle:
             first = handle.readline(4096)
     except OSError:
         return False
-    ours = first.rstrip(b" \\\r\n").endswith(MANIFEST.encode() + b":")
-    return path.is_file() and (ours or path.stat().st_size == 0)
+    return first.rstrip(b" \\\r\n").endswith(MANIFEST.encode() + b":") or not first
 
 
 def _write_depfile(path: Path, target: str, inputs: Sequence[Path]) -> None:

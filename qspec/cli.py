@@ -22,7 +22,7 @@ from qspec import __version__
 from qspec.compiler.cache import cache_settings
 from qspec.compiler.errors import CompileFailure, UserError
 from qspec.dsl.diagnostics import Diagnostic, SpecError, did_you_mean
-from qspec.dsl.files import NotRegularFile
+from qspec.dsl.files import NotRegularFile, numpy_load_error
 from qspec.dsl.format import format_text
 from qspec.dsl.ir import Span
 from qspec.dsl.load import MAX_SPEC_BYTES, check_file, decode_source, read_source
@@ -576,9 +576,21 @@ def summary(manifest: dict, report: dict, latency: dict[str, float]) -> str:
                 f"{float(fidelity['accuracy_artifact']):.4f} "
                 f"(float {float(fidelity['accuracy_float']):.4f})"
             )
+        if fidelity.get("outputs"):
+            line += f" (the worst of {len(fidelity['outputs'])} outputs; {_worst(fidelity)})"
         lines.append(line)
     lines += [f"latency {name}: {ms:.2f} ms" for name, ms in latency.items()]
     return "\n".join(lines)
+
+
+def _worst(fidelity: dict) -> str:
+    """The output with the lowest mean cosine, so a user sees which output is bad."""
+    worst = min(fidelity["outputs"], key=lambda o: _sortable(float(o["cosine_mean"])))
+    return f"lowest cosine {worst['name']}"
+
+
+def _sortable(value: float) -> float:
+    return float("-inf") if math.isnan(value) else value
 
 
 def run_sweep(args: argparse.Namespace) -> int:
@@ -602,6 +614,8 @@ def run_artifact(args: argparse.Namespace) -> int:
     from qspec.runtime import load
 
     output = _output_file(args.output)  # before the model runs: a bad path fails at once
+    if Path(args.input).resolve() == output:
+        raise UserError(f"--output {args.output} is the --input file: it would be replaced")
     runner = load(args.folder, args.backend)
     outputs = runner(_read_npz(args.input))
     _write_npz(output, args.output, outputs)
@@ -627,7 +641,7 @@ def _read_npz(given: str) -> dict:
         with loaded as data:
             return {name: data[name] for name in data.files}
     except (OSError, ValueError, EOFError, MemoryError, zipfile.BadZipFile) as error:
-        raise UserError(f"cannot read {given}: {error}", help=help) from None
+        raise UserError(f"cannot read {given}: {numpy_load_error(error)}", help=help) from None
 
 
 def _output_file(given: str) -> Path:

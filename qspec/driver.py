@@ -55,7 +55,7 @@ from qspec.passes.allocate.budgets import (
 )
 from qspec.passes.allocate.sensitivity import Sensitivity
 from qspec.runtime import open_target
-from qspec.verify import Fidelity, end_to_end, per_layer
+from qspec.verify import Fidelity, artifact_outputs, end_to_end, per_layer
 
 DEFAULT_TARGET = ir.Target(ir.Word("onnx"))
 
@@ -276,7 +276,11 @@ def _fail_if_short(
         for b in budgets
         if not b["met"] and b["metric"] in EXACT
     ]
-    failed = ["fidelity below --fail-under: " + ", ".join(below)] * bool(below)
+    worst = fidelity.worst_output() if fidelity else None
+    which = (
+        f" (the worst of {len(fidelity.outputs)} outputs: {worst})" if fidelity and worst else ""
+    )
+    failed = ["fidelity below --fail-under: " + ", ".join(below) + which] * bool(below)
     failed += ["budget not met: " + ", ".join(missed)] * bool(missed)
     if failed:
         raise CompileFailure("; ".join(failed) + "; the previous build, if any, is unchanged")
@@ -422,7 +426,10 @@ def _verify(graph: Graph, calibration, entries: list[dict], stage: Path, batch: 
             continue
         runner = open_target(stage, entry, list(graph.example), threads=1)
         fidelity = end_to_end(
-            graph.module, runner.primary, calibration.holdout, calibration.holdout_labels
+            graph.module,
+            artifact_outputs(runner),
+            calibration.holdout,
+            calibration.holdout_labels,
         )
         feed = {name: batch[name].numpy() for name in runner.input_names}
         checks[entry["name"]] = done[entry["file"]] = _Check(

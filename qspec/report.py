@@ -193,8 +193,10 @@ def _fidelity(targets: list[dict]) -> list[str]:
     metrics = ran[0]["fidelity"] if ran else {}
     for name in metrics:
         values = [t["fidelity"][name] for t in ran]
-        if any(v is not None for v in values):
+        if name != "outputs" and any(v is not None for v in values):
             lines.append(f"| {name} | " + " | ".join(str(v) for v in values) + " |")
+    for target in ran:
+        lines += _per_output(target)
     for target in targets:
         if not target["verified"]:
             lines.append(
@@ -202,6 +204,19 @@ def _fidelity(targets: list[dict]) -> list[str]:
             )
     runtimes = sorted({RUNTIMES[t["backend"]] for t in ran})
     return [*lines, "", f"Run by {' and '.join(runtimes)}." if runtimes else "", ""]
+
+
+def _per_output(target: dict) -> list[str]:
+    """A model with several outputs: each one's scores (the table above shows the worst)."""
+    outputs = target["fidelity"].get("outputs")
+    if not outputs:
+        return []
+    metrics = [k for k in outputs[0] if k != "name"]
+    lines = ["", f"Per output, {target['name']} (above: the worst of each):", ""]
+    lines += ["| output | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for output in outputs:
+        lines.append(f"| {output['name']} | " + " | ".join(str(output[k]) for k in metrics) + " |")
+    return lines
 
 
 def _budgets(report: dict) -> list[str]:

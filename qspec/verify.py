@@ -1,14 +1,16 @@
 """Fidelity of an artifact to the float model, measured on held-out batches.
 
-End to end: the artifact's own runtime output against the float PyTorch output (cosine per
-sample, SNR, max error; top-1 agreement and accuracy when labels exist). Per layer: each
+End to end: each of the artifact's own runtime outputs against the float PyTorch output in
+the same place (cosine per sample, SNR, max error), the headline the worst output's; top-1
+agreement and accuracy on the first output when labels exist. Per layer: each
 lowered layer fed the float model's input to that layer, against the float layer's output.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 from qspec.compiler.cache import source_digest
-from qspec.compiler.capture import primary_tensor
+from qspec.compiler.capture import output_tensors
 from qspec.compiler.errors import CompileFailure
 from qspec.compiler.layercache import Entry, module_digest, open_module_cache
 from qspec.compiler.source import Batch
@@ -38,17 +40,42 @@ class Fidelity:
     top1_agreement: float | None = None
     accuracy_float: float | None = None
     accuracy_artifact: float | None = None
+    # (name, fidelity) of each output when the model has more than one
+    outputs: tuple[tuple[str, Fidelity], ...] = ()
 
-    def as_dict(self) -> dict[str, float | int | None]:
-        return {k: _round(v) for k, v in asdict(self).items()}
+    def as_dict(self) -> dict:
+        """The scores, and `outputs` only for a model with several (single-output reports
+        stay as they were)."""
+        found: dict = {
+            f.name: _round(getattr(self, f.name)) for f in fields(self) if f.name != "outputs"
+        }
+        if self.outputs:
+            found["outputs"] = [
+                {"name": name} | {k: _round(getattr(each, k)) for k in _PER_OUTPUT}
+                for name, each in self.outputs
+            ]
+        return found
+
+    def worst_output(self) -> str | None:
+        """The output with the lowest mean cosine (NaN lowest), to name it; None for one."""
+        if not self.outputs:
+            return None
+        cosines = [
+            -math.inf if math.isnan(f.cosine_mean) else f.cosine_mean for _, f in self.outputs
+        ]
+        return self.outputs[cosines.index(min(cosines))][0]
+
+
+_PER_OUTPUT = ("cosine_mean", "cosine_min", "snr_db", "max_abs_error")
 
 
 def _round(value):
     return float(f"{value:.6g}") if isinstance(value, float) else value
 
 
-def primary_output(output) -> np.ndarray:
-    return primary_tensor(output).detach().float().numpy()
+def _rows(array: np.ndarray) -> np.ndarray:
+    """One row per sample; a 0-d output (a scalar per batch) is one row."""
+    return array.reshape(len(array), -1) if array.ndim else array.reshape(1, 1)
 
 
 def compare(
@@ -60,8 +87,8 @@ def compare(
     cosine, the SNR and the top-1 scores NaN (a NaN fails every --fail-under floor), and a
     zero output scores cosine 1 only against a zero reference. float64 throughout: squares
     of float32 outputs, even near float32's limit, do not overflow."""
-    ref = np.concatenate([r.reshape(len(r), -1) for r in reference]).astype(np.float64)
-    out = np.concatenate([c.reshape(len(c), -1) for c in candidate]).astype(np.float64)
+    ref = np.concatenate([_rows(r) for r in reference]).astype(np.float64)
+    out = np.concatenate([_rows(c) for c in candidate]).astype(np.float64)
     rows_finite = np.isfinite(ref).all(1) & np.isfinite(out).all(1)
     finite = bool(rows_finite.all())
     with np.errstate(all="ignore"):  # non-finite rows give NaN, as they should
@@ -94,33 +121,86 @@ def compare(
     )
 
 
+def compare_outputs(
+    names: Sequence[str],
+    reference: Sequence[Sequence[np.ndarray]],
+    candidate: Sequence[Sequence[np.ndarray]],
+    labels: Sequence[np.ndarray] | None,
+) -> Fidelity:
+    """`compare` for each output (indexed [batch][output]); the headline is the worst output's
+    (lowest cosine and SNR, largest error, NaN if any is NaN), so no --fail-under floor passes
+    while one output is bad. Top-1 scores are the first output's."""
+    each = [
+        compare([r[i] for r in reference], [c[i] for c in candidate], labels if i == 0 else None)
+        for i in range(len(names))
+    ]
+    if len(each) == 1:
+        return each[0]
+    return Fidelity(
+        samples=each[0].samples,
+        cosine_mean=_worst([f.cosine_mean for f in each], min),
+        cosine_min=_worst([f.cosine_min for f in each], min),
+        snr_db=_worst([f.snr_db for f in each], min),
+        max_abs_error=_worst([f.max_abs_error for f in each], max),
+        top1_agreement=each[0].top1_agreement,
+        accuracy_float=each[0].accuracy_float,
+        accuracy_artifact=each[0].accuracy_artifact,
+        outputs=tuple(zip(names, each, strict=True)),
+    )
+
+
+def _worst(values: list[float], pick: Callable[[list[float]], float]) -> float:
+    """`pick` of the values, NaN when any is (min and max skip or keep NaN by position)."""
+    return float("nan") if any(math.isnan(v) for v in values) else pick(values)
+
+
+def artifact_outputs(
+    runner: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]],
+) -> Callable[[Batch], list[np.ndarray]]:
+    """A runner as `end_to_end` calls it: a batch of torch tensors in, every output out, in
+    the artifact's order (the order the float model's outputs flatten in)."""
+    return lambda batch: list(runner({k: v.numpy() for k, v in batch.items()}).values())
+
+
 def end_to_end(
     module: torch.nn.Module,
-    run_artifact: Callable[[Batch], np.ndarray],
+    run_artifact: Callable[[Batch], Sequence[np.ndarray]],
     holdout: Sequence[Batch],
     labels: Sequence[torch.Tensor] | None,
     what: str = "the artifact",
 ) -> Fidelity:
-    """The artifact against the float model on the held-out batches. Non-finite outputs on
-    finite data fail the build: the float model's, naming where it first overflows; the
-    artifact's, with how many samples."""
-    reference = reference_outputs(module, holdout)
-    for index, output in enumerate(reference):
-        if not np.isfinite(output).all():
+    """The artifact against the float model on the held-out batches, every output. Non-finite
+    outputs on finite data fail the build: the float model's, naming where it first
+    overflows; the artifact's, with how many samples."""
+    names, reference = reference_outputs(module, holdout)
+    for index, outputs in enumerate(reference):
+        if not all(np.isfinite(output).all() for output in outputs):
             raise nonfinite_failure(module, holdout[index], f"held-out batch {index}")
-    candidate = [run_artifact(batch) for batch in holdout]
-    bad = sum(int((~np.isfinite(c.reshape(len(c), -1))).any(1).sum()) for c in candidate)
+    candidate = [list(run_artifact(batch)) for batch in holdout]
+    if any(len(outputs) != len(names) for outputs in candidate):
+        raise CompileFailure(
+            f"{what} returns {len(candidate[0])} outputs where the float model returns "
+            f"{len(names)} ({', '.join(names)})"
+        )
+    bad = sum(
+        int(np.logical_or.reduce([(~np.isfinite(_rows(c))).any(1) for c in outputs]).sum())
+        for outputs in candidate
+    )
     if bad:
+        samples = sum(len(_rows(outputs[0])) for outputs in candidate)
         raise CompileFailure(
             f"{what} outputs NaN or infinite values on {bad} of "
-            f"{sum(len(c) for c in candidate)} held-out samples (the float model's are finite)"
+            f"{samples} held-out samples (the float model's are finite)"
         )
     truth = [t.numpy() for t in labels] if labels else None
-    return compare(reference, candidate, truth)
+    return compare_outputs(names, reference, candidate, truth)
 
 
-def reference_outputs(module: torch.nn.Module, holdout: Sequence[Batch]) -> list[np.ndarray]:
-    """The float model's outputs, cached by content: every target compares against them."""
+def reference_outputs(
+    module: torch.nn.Module, holdout: Sequence[Batch]
+) -> tuple[list[str], list[list[np.ndarray]]]:
+    """The float model's output names and, per batch, every output: cached by content, as
+    every target compares against them."""
     cache = open_module_cache(module, holdout)
     if cache is None:
         return _run_float(module, holdout)
@@ -128,17 +208,29 @@ def reference_outputs(module: torch.nn.Module, holdout: Sequence[Batch]) -> list
     found = cache.load(REFERENCE, key, "float model", partial(_outputs, count=len(holdout)))
     if found is None:
         found = _run_float(module, holdout)
-        cache.save(REFERENCE, key, Entry({}, {str(i): out for i, out in enumerate(found)}))
+        names, outputs = found
+        arrays = {f"{i}.{j}": out for i, batch in enumerate(outputs) for j, out in enumerate(batch)}
+        cache.save(REFERENCE, key, Entry({"names": names}, arrays))
     return found
 
 
-def _run_float(module: torch.nn.Module, holdout: Sequence[Batch]) -> list[np.ndarray]:
+def _run_float(
+    module: torch.nn.Module, holdout: Sequence[Batch]
+) -> tuple[list[str], list[list[np.ndarray]]]:
+    names: list[str] = []
+    outputs = []
     with torch.no_grad():
-        return [primary_output(module(**batch)) for batch in holdout]
+        for batch in holdout:
+            named = output_tensors(module(**batch))
+            names = [name for name, _ in named]
+            outputs.append([tensor.detach().float().numpy() for _, tensor in named])
+    return names, outputs
 
 
-def _outputs(entry: Entry, count: int) -> list[np.ndarray]:
-    return [entry.arrays[str(i)] for i in range(count)]
+def _outputs(entry: Entry, count: int) -> tuple[list[str], list[list[np.ndarray]]]:
+    names = list(entry.meta["names"])
+    arrays = [[entry.arrays[f"{i}.{j}"] for j in range(len(names))] for i in range(count)]
+    return names, arrays
 
 
 def per_layer(

@@ -125,6 +125,30 @@ def test_output_refuses_what_qspec_did_not_write(
     assert not (project / "imported.marker").exists()  # refused before the model loaded
 
 
+@pytest.mark.parametrize("added", ["notes.txt", "data/x.txt", "tvm/extra.bin", "empty folder/"])
+def test_a_build_holding_user_files_is_not_replaced(project: Path, tmp_path: Path, added, capsys):
+    """A build folder the user put a file into (or a copied manifest beside their data) is no
+    longer only qspec's: replacing it would delete what qspec did not write."""
+    out = tmp_path / "build"
+    assert compile_(project, str(out)) == 0
+    (out / "tvm").mkdir()  # a folder the manifest does not list
+    (out / "tvm" / "model.so").write_text("")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"]["tvm/model.so"] = sha256_file(out / "tvm" / "model.so")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    target = out / added
+    if added.endswith("/"):
+        target.mkdir()
+    else:
+        target.parent.mkdir(exist_ok=True)
+        target.write_text("precious")
+    before = snapshot(out)
+    (project / "tiny.qspec").write_text(HEADER + BODY.replace("int4", "int8"))
+    assert compile_(project, str(out)) == 2
+    assert "which qspec did not write" in capsys.readouterr().err
+    assert snapshot(out) == before and target.exists()
+
+
 def test_unwritable_output_is_reported_up_front(project: Path, tmp_path: Path, capsys):
     (tmp_path / "a file").write_text("x")
     assert compile_(project, str(tmp_path / "a file" / "build")) == 2
@@ -246,6 +270,14 @@ def test_depfile_never_overwrites_a_user_file(project: Path, tmp_path: Path, vic
     assert "is not a depfile qspec wrote" in capsys.readouterr().err
     assert (project / victim).read_bytes() == before
     assert not (tmp_path / "b").exists()
+
+
+def test_a_fifo_depfile_is_refused_without_opening_it(project: Path, tmp_path: Path, capsys):
+    """Opening a FIFO to read it blocks until a writer comes: it must not be opened at all."""
+    fifo = tmp_path / "deps.d"
+    os.mkfifo(fifo)
+    assert compile_(project, str(tmp_path / "b"), "--depfile", str(fifo)) == 2
+    assert "is not a depfile qspec wrote" in capsys.readouterr().err
 
 
 def test_leftovers_are_only_what_qspec_names(tmp_path: Path):

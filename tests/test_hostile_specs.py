@@ -152,7 +152,17 @@ SAFE = [
     r"(?>a+)+",
     r"(a*+)*",
 ]
-UNSAFE = [r"(a+)+$", r"(.*\.)*x", r"(\w+)*x", r"(a*)*", r"(x+x+)+y", r"((a|b)+)+", r"(\d+|x)*"]
+UNSAFE = [
+    r"(a+)+$",
+    r"(.*\.)*x",
+    r"(\w+)*x",
+    r"(a*)*",
+    r"(x+x+)+y",
+    r"((a|b)+)+",
+    r"(\d+|x)*",
+    r"(a|a)*",  # alternatives alike: the shared prefix is factored out, leaving two empties
+    r"(a?){25}a{25}",  # a round that can be empty
+]
 
 
 @pytest.mark.parametrize("text", SAFE)
@@ -168,6 +178,11 @@ def test_safe_regexes_are_accepted_and_fast(text: str):
 def test_regexes_that_backtrack_exponentially_are_refused(text: str):
     with pytest.raises(PatternError, match="exponential time"):
         check_pattern(Pattern(text, True, Span("t", 1, 1, 1, 1)))
+
+
+def test_a_repeat_count_beyond_the_engine_is_a_spec_error():
+    with pytest.raises(PatternError, match="repeat count in the regex is too large"):
+        check_pattern(Pattern("a{99999999999}", True, Span("t", 1, 1, 1, 1)))
 
 
 # ---- fmt writes through links, keeps the inode, and goes on past a file it cannot write ---------

@@ -352,6 +352,13 @@ def test_a_device_is_not_written(built: Path, capsys):
     assert (code, "not a regular file" in err) == (2, True), err
 
 
+def test_the_input_file_is_never_the_output(built: Path, capsys):
+    before = (built / "in.npz").read_bytes()
+    code, err = _run(built, capsys, built / "in.npz")
+    assert (code, "is the --input file" in err) == (2, True), err
+    assert (built / "in.npz").read_bytes() == before
+
+
 def test_a_failed_write_leaves_nothing(built: Path, tmp_path: Path, capsys, monkeypatch):
     (tmp_path / "out.npz").write_bytes(b"previous")
 
