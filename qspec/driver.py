@@ -113,15 +113,21 @@ def _choices(spec: ir.Spec, folder: Path) -> dict[str, str]:
         manifest = read_manifest(folder)
     except (FileNotFoundError, ValueError) as error:
         raise UserError(str(error)) from None
-    built_from = manifest["spec"]["path"]
-    if Path(built_from).name != Path(spec.path).name:
-        raise UserError(f"{folder} was built from {built_from}, not {spec.path}")
-    return {
-        entry["name"]: f"{entry['choice']['candidate']} (chosen, "
-        f"{entry['choice']['index'] + 1} of {entry['choice']['of']})"
-        for entry in manifest["layers"]
-        if "choice" in entry
-    }
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or not 0 < version <= FORMAT_VERSION:
+        raise UserError(f"{folder} holds a build format this qspec does not read ({version!r:.40})")
+    try:
+        built_from = manifest["spec"]["path"]
+        if Path(built_from).name != Path(spec.path).name:
+            raise UserError(f"{folder} was built from {built_from}, not {spec.path}")
+        return {
+            entry["name"]: f"{entry['choice']['candidate']} (chosen, "
+            f"{entry['choice']['index'] + 1} of {entry['choice']['of']})"
+            for entry in manifest["layers"]
+            if "choice" in entry
+        }
+    except (KeyError, TypeError, IndexError) as error:
+        raise UserError(f"{folder}/{MANIFEST} is damaged (no {error})") from None
 
 
 def _model_of(spec: ir.Spec) -> ir.ModelSource:

@@ -502,3 +502,22 @@ def test_corrupt_cache_entries_are_rebuilt_not_trusted(tmp_path: Path, private_c
     first, second = (tmp_path / name / "model.onnx" for name in ("first", "second"))
     assert second.read_bytes() == first.read_bytes()
     assert all(payload.read_bytes()[-1:] != b"" for payload in payloads)
+
+
+@pytest.mark.parametrize(
+    ("edit", "fragment"),
+    [
+        (lambda m: m.update(format_version=10**400), "build format this qspec does not read"),
+        (lambda m: m.pop("layers"), "is damaged (no 'layers')"),
+        (lambda m: m.update(spec=[]), "is damaged"),
+    ],
+)
+def test_explain_build_refuses_a_manifest_it_cannot_read(
+    built: Path, case: Path, capsys, edit, fragment
+):
+    manifest = json.loads((case / "manifest.json").read_text())
+    edit(manifest)
+    (case / "manifest.json").write_text(json.dumps(manifest))
+    spec = built / "project" / "tiny.qspec"
+    code, err = qspec(capsys, "explain", str(spec), "--build", str(case))
+    assert (code, fragment in err) == (2, True), err
