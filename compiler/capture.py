@@ -8,7 +8,7 @@ whose `matrix` view is the 2-D [rows, reduction] weight every pass and backend w
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path
 
 from qspec.compiler.errors import UserError
+from qspec.compiler.fold import Folded, Unfolded, fold_batchnorms, strip_prefix
 from qspec.compiler.source import LoadedModel
 from qspec.dsl import ir
 
@@ -66,6 +67,8 @@ class Graph:
     layers: dict[str, Layer]
     method: Literal["export", "fx"]
     note: str = ""
+    folded: list[Folded] = field(default_factory=list)  # BatchNorms absorbed by their layer
+    unfolded: list[Unfolded] = field(default_factory=list)  # BatchNorms left in float, why
 
 
 def matrix(layer: Layer, weight: torch.Tensor) -> torch.Tensor:
@@ -128,6 +131,8 @@ def capture(model: LoadedModel, model_word: ir.Word | None = None) -> Graph:
                 model_word.span if model_word else None,
             ) from None
         used = {n.target for n in traced.graph.nodes if n.op == "call_module"}
+        exported = None  # folding reads torch.export's graph: BatchNorms stay float
+    folded, unfolded = fold_batchnorms(module, exported) if exported else ([], [])
     macs = _macs(module, example)
     layers: dict[str, Layer] = {}
     for name, child in module.named_modules():
@@ -143,7 +148,7 @@ def capture(model: LoadedModel, model_word: ir.Word | None = None) -> Graph:
             macs=macs.get(name, 0),
             groups=getattr(child, "groups", 1),
         )
-    return Graph(module, example, model.input_names, layers, method, note)
+    return Graph(module, example, model.input_names, layers, method, note, folded, unfolded)
 
 
 def _modules_called(exported: torch.export.ExportedProgram) -> set[str]:
@@ -153,16 +158,8 @@ def _modules_called(exported: torch.export.ExportedProgram) -> set[str]:
     called: set[str] = set()
     for node in graph.nodes:
         for path, _ in (node.meta.get("nn_module_stack") or {}).values():
-            called.add(_strip_prefix(path))
+            called.add(strip_prefix(path))
     return called
-
-
-def _strip_prefix(path: str) -> str:
-    """nn_module_stack paths look like 'L__self__.bert.encoder' or 'bert.encoder'."""
-    for prefix in ("L['self'].", "L__self__.", "self."):
-        if path.startswith(prefix):
-            return path[len(prefix) :]
-    return path
 
 
 def _macs(module: nn.Module, example: dict[str, torch.Tensor]) -> dict[str, int]:

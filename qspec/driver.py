@@ -471,6 +471,8 @@ def _manifest(spec, model, calibration, graph, state: State, artifact, targets: 
                 name: {"dtype": str(t.dtype).replace("torch.", ""), "dims": t.dim()}
                 for name, t in graph.example.items()
             },
+            "folded": [{"layer": f.layer, "batchnorm": f.norm} for f in graph.folded],
+            "unfolded": [{"batchnorm": u.norm, "reason": u.reason} for u in graph.unfolded],
         },
         "calibration": {
             "source": spec.calibration.source.text if spec.calibration else None,

@@ -117,7 +117,12 @@ def assemble(
     allocation = manifest.get("allocation")
     return {
         "spec": manifest["spec"]["path"],
-        "capture": {"method": method, "note": note},
+        "capture": {
+            "method": method,
+            "note": note,
+            "folded": manifest["model"]["folded"],
+            "unfolded": manifest["model"]["unfolded"],
+        },
         "fidelity": fidelity and fidelity.as_dict(),
         "targets": [
             {k: t[k] for k in ("name", "backend", "device", "file", "bytes", "verified") if k in t}
@@ -142,12 +147,20 @@ def _describe(entry: dict) -> str:
     return f"{text} -> {entry.get('emitted', '')}"
 
 
+def _folding(capture: dict) -> str:
+    """One sentence on the BatchNorms folded into their layers, and those left in float."""
+    folded = [f"{f['batchnorm']} into {f['layer']}" for f in capture["folded"]]
+    kept = [f"{u['batchnorm']} ({u['reason']})" for u in capture["unfolded"]]
+    text = f" BatchNorm folded: {', '.join(folded)}." if folded else ""
+    return text + (f" BatchNorm left in float: {', '.join(kept)}." if kept else "")
+
+
 def markdown(report: dict) -> str:
     totals = report["totals"]
     lines = [
         f"# qspec build of {Path(report['spec']).name}",
         "",
-        f"Captured with torch.{report['capture']['method']}.",
+        f"Captured with torch.{report['capture']['method']}.{_folding(report['capture'])}",
         "",
         *_fidelity(report["targets"]),
         "## Size",
