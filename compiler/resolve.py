@@ -20,7 +20,7 @@ from qspec.dsl.diagnostics import Diagnostic, Note
 from qspec.dsl.formats import weight_format
 from qspec.dsl.load import read_source
 from qspec.dsl.parser import normalize
-from qspec.dsl.patterns import compile_pattern
+from qspec.dsl.patterns import PatternError, matches
 from qspec.dsl.validate import Checker
 
 DEFAULT_GROUP = 32
@@ -201,8 +201,10 @@ def resolve(spec: ir.Spec, graph: Graph) -> Plan:
 def _matching(rule: ir.Defaults | ir.LayerRule, graph: Graph) -> list[str]:
     if isinstance(rule, ir.Defaults):
         return list(graph.layers)
-    regex = compile_pattern(rule.pattern)
-    return [name for name in graph.layers if regex.fullmatch(name)]
+    try:
+        return [name for name in graph.layers if matches(rule.pattern, name)]
+    except PatternError as error:
+        raise UserError(error.message, rule.pattern.span, help="simplify the pattern") from None
 
 
 def print_warnings(plan: Plan) -> None:

@@ -442,7 +442,7 @@ def _array_batches(word: ir.Word) -> Iterable[tuple[Batch, torch.Tensor | None]]
         _check_array(word, name, array)
     labels = arrays.pop("labels", None)
     if labels is not None:
-        _check_labels(word, labels)
+        labels = _check_labels(word, labels)
     if not arrays:
         raise UserError(
             f"'{word.text}' holds no input arrays",
@@ -521,9 +521,9 @@ def _check_array(word: ir.Word, name: str, array: torch.Tensor) -> None:
         )
 
 
-def _check_labels(word: ir.Word, labels: torch.Tensor) -> None:
+def _check_labels(word: ir.Word, labels: torch.Tensor) -> torch.Tensor:
     """Labels are one class index per sample: accuracy on anything else would be garbage
-    reported as a number."""
+    reported as a number. Returned as int64 (torch has no min over uint16..uint64)."""
     help = "save labels as a 1-D integer array of class indices: labels=y.astype('int64')"
     if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
         raise UserError(
@@ -532,8 +532,12 @@ def _check_labels(word: ir.Word, labels: torch.Tensor) -> None:
             word.span,
             help=help,
         )
-    if labels.dtype == torch.bool or (len(labels) and int(labels.min()) < 0):
-        raise UserError(f"{word.text}: 'labels' holds negative or boolean values", word.span)
+    if labels.dtype == torch.bool:
+        raise UserError(f"{word.text}: 'labels' holds booleans, not class indices", word.span)
+    labels = labels.to(torch.int64)  # a uint64 beyond int64 turns negative: refused below
+    if len(labels) and int(labels.min()) < 0:
+        raise UserError(f"{word.text}: 'labels' holds negative values", word.span, help=help)
+    return labels
 
 
 def _check_label_range(

@@ -134,6 +134,13 @@ class _Loader:
             return []
         if target in self.sources:
             return []  # included already: a file's statements count once, where first included
+        if not target.endswith(".qspec"):  # no other file is parsed, or echoed in a diagnostic
+            self.error(
+                f"'{include.path.text}' is not a .qspec file",
+                include.path.span,
+                help='include names another spec, such as include "common.qspec"',
+            )
+            return []
         if not os.path.exists(target):
             self.error(
                 f"cannot find included file '{include.path.text}'",

@@ -13,6 +13,8 @@ from functools import cache
 from re import _constants, _parser
 from typing import Any
 
+import regex as regex_engine  # type: ignore[import-untyped]
+
 from qspec.dsl.ir import Pattern
 
 
@@ -272,11 +274,37 @@ def _character_class(body: str, offset: int) -> str:
     return regex
 
 
+# The longest one layer name may take against one regex. The check above refuses the shapes
+# known to backtrack exponentially; this bounds everything else (polynomial shapes such as
+# `a*a*a*a*a*a*!`), so no pattern can hang a compile.
+MATCH_SECONDS = 1.0
+
+
+def fullmatch(pattern: Pattern, name: str) -> tuple[str | None, ...] | None:
+    """The groups of `pattern` matching all of `name`, or None. Regexes run on the `regex`
+    engine (the same syntax as `re`) under a time limit; globs translate to linear regexes."""
+    if not pattern.regex:
+        match = compile_pattern(pattern).fullmatch(name)
+        return match.groups() if match else None
+    compile_pattern(pattern)  # the checks (and errors) `re` gives
+    try:
+        found = _timed(pattern.text).fullmatch(name, timeout=MATCH_SECONDS)
+    except TimeoutError:
+        raise PatternError(
+            f"this regex took more than {MATCH_SECONDS:g} s on the layer name '{name}'", 0
+        ) from None
+    return found.groups() if found else None
+
+
+@cache
+def _timed(text: str) -> Any:
+    return regex_engine.compile(text, flags=regex_engine.VERSION0)
+
+
 def matches(pattern: Pattern, name: str) -> bool:
-    return compile_pattern(pattern).fullmatch(name) is not None
+    return fullmatch(pattern, name) is not None
 
 
 def tie_key(pattern: Pattern, name: str) -> tuple[str | None, ...] | None:
     """The group a layer joins under `tie pattern`: the text of each wildcard, or None."""
-    match = compile_pattern(pattern).fullmatch(name)
-    return match.groups() if match else None
+    return fullmatch(pattern, name)

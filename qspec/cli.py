@@ -8,6 +8,7 @@ import errno
 import json
 import math
 import os
+import re
 import signal
 import stat
 import sys
@@ -83,27 +84,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(error.diagnostic.render({}), file=sys.stderr)
         return USER_ERROR
     except CompileFailure as error:
-        print(f"qspec: build failed: {error}", file=sys.stderr)
+        print(f"qspec: build failed: {_brief(str(error), args.debug)}", file=sys.stderr)
         return CHANGED
+    except BrokenPipeError:  # the reader went away (| head): nothing left to say
+        sys.stderr.close()
+        return OK
+    except OSError as error:
+        if error.filename is None:
+            return _internal_error(error, args.debug)
+        # a path the system refuses (too long, no permission, a loop of links, a full disk):
+        # the user's file system, not a qspec bug
+        print(f"qspec: error: {error.filename}: {error.strerror or error}", file=sys.stderr)
+        return USER_ERROR
     except KeyboardInterrupt:
         print("qspec: interrupted", file=sys.stderr)
         return 130
     except Terminated:
         print("qspec: terminated", file=sys.stderr)
         return TERMINATED
-    except BrokenPipeError:  # the reader went away (| head): nothing left to say
-        sys.stderr.close()
-        return OK
     except Exception as error:  # a bug in qspec: say so briefly unless asked for details
-        if args.debug:
-            traceback.print_exc()
-        else:
-            print(
-                f"qspec: internal error: {type(error).__name__}: {error}\n"
-                "  (run with --debug for the traceback, and please report it)",
-                file=sys.stderr,
-            )
-        return INTERNAL_ERROR
+        return _internal_error(error, args.debug)
+
+
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _brief(message: str, debug: bool) -> str:
+    """A failure in one readable line: exporters and compilers explain in pages, with colors."""
+    text = ANSI_ESCAPE.sub("", message).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if debug or (len(lines) <= 1 and len(text) <= 500):
+        return text
+    first = (lines[0] if lines else text)[:500]
+    return f"{first} ... (run with --debug for the whole message)"
+
+
+def _internal_error(error: Exception, debug: bool) -> int:
+    if debug:
+        traceback.print_exc()
+    else:
+        print(
+            f"qspec: internal error: {type(error).__name__}: {error}\n"
+            "  (run with --debug for the traceback, and please report it)",
+            file=sys.stderr,
+        )
+    return INTERNAL_ERROR
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -414,10 +439,22 @@ def _thresholds(pairs: list[str]) -> dict[str, float]:
     return thresholds
 
 
+def _check_source_date_epoch() -> None:
+    """SOURCE_DATE_EPOCH is whole seconds since 1970 (reproducible-builds.org); libraries
+    that stamp files parse it with int() deep inside a build."""
+    value = os.environ.get("SOURCE_DATE_EPOCH")
+    if value is not None and not value.strip().isdigit():
+        raise UserError(
+            f"SOURCE_DATE_EPOCH={value!r:.40} is not a whole number of seconds since 1970",
+            help="unset it, or set it to e.g. $(git log -1 --format=%ct)",
+        )
+
+
 def run_compile(args: argparse.Namespace) -> int:
     from qspec.build import build, up_to_date
 
     fail_under = _thresholds(args.fail_under)  # options first: no model loads for a typo
+    _check_source_date_epoch()
     if args.check:
         current, reason = up_to_date(args.spec, args.output)
         if args.json:
@@ -596,6 +633,7 @@ def _sortable(value: float) -> float:
 def run_sweep(args: argparse.Namespace) -> int:
     from qspec.pareto import sweep_spec
 
+    _check_source_date_epoch()
     log = (lambda line: print(f"  {line}", file=sys.stderr)) if args.timings else (lambda _: None)
     rows = sweep_spec(args.spec, args.budget, args.output, log)
     for row in rows:
@@ -616,6 +654,8 @@ def run_artifact(args: argparse.Namespace) -> int:
     output = _output_file(args.output)  # before the model runs: a bad path fails at once
     if Path(args.input).resolve() == output:
         raise UserError(f"--output {args.output} is the --input file: it would be replaced")
+    if output.is_relative_to(Path(args.folder).resolve()):
+        raise UserError(f"--output {args.output} is inside the build folder it runs")
     runner = load(args.folder, args.backend)
     outputs = runner(_read_npz(args.input))
     _write_npz(output, args.output, outputs)

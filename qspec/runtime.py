@@ -172,7 +172,15 @@ class CheckedRunner:
         feed = {name: np.asarray(inputs[name]) for name in self.inputs}
         for name, array in feed.items():
             _check_input(name, array, self.inputs[name], fixed.get(name))
-        return self.runner(feed)
+        try:
+            return self.runner(feed)
+        except Exception as error:  # the checks passed: sizes the graph itself cannot take
+            shapes = ", ".join(f"{name} {list(array.shape)}" for name, array in feed.items())
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise UserError(
+                f"the model cannot run on these inputs ({shapes}): {first[:300]}",
+                help="give inputs of the sizes the model was built for",
+            ) from None
 
 
 def _check_input(name: str, array: np.ndarray, spec: Mapping[str, Any], shape: list | None) -> None:

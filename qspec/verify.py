@@ -1,16 +1,18 @@
 """Fidelity of an artifact to the float model, measured on held-out batches.
 
 End to end: each of the artifact's own runtime outputs against the float PyTorch output in
-the same place (cosine per sample, SNR, max error), the headline the worst output's; top-1
-agreement and accuracy on the first output when labels exist. Per layer: each
-lowered layer fed the float model's input to that layer, against the float layer's output.
+the same place (cosine per sample, SNR, max error; exact agreement for integer and bool
+outputs; one cosine over the held-out column where each sample, or batch, has one value), the
+headline the worst output's; top-1 agreement and accuracy on the first output when labels
+exist. Per layer: each lowered layer fed the float model's input to that layer, against the
+float layer's output.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -78,6 +80,12 @@ def _rows(array: np.ndarray) -> np.ndarray:
     return array.reshape(len(array), -1) if array.ndim else array.reshape(1, 1)
 
 
+def _predicted(rows: np.ndarray) -> np.ndarray:
+    """The class of each row: the largest logit, or the row's one value (a model that
+    returns class ids)."""
+    return rows.argmax(1) if rows.shape[1] > 1 else rows[:, 0]
+
+
 def compare(
     reference: Sequence[np.ndarray],
     candidate: Sequence[np.ndarray],
@@ -86,15 +94,25 @@ def compare(
     """Never a perfect score it did not measure: a NaN or infinite output makes its row's
     cosine, the SNR and the top-1 scores NaN (a NaN fails every --fail-under floor), and a
     zero output scores cosine 1 only against a zero reference. float64 throughout: squares
-    of float32 outputs, even near float32's limit, do not overflow."""
-    ref = np.concatenate([_rows(r) for r in reference]).astype(np.float64)
-    out = np.concatenate([_rows(c) for c in candidate]).astype(np.float64)
+    of float32 outputs, even near float32's limit, do not overflow.
+
+    Where cosine per sample would measure nothing, the "cosine" is another score in [-1, 1]:
+    integer or bool outputs (class ids, masks) score 1 per sample whose values all equal the
+    reference's, else 0, so the mean is the fraction of samples that agree; and an output with
+    one value per sample ([B], [B, 1]) or per batch (0-d), whose cosine per row is only its
+    sign, scores one cosine over the whole held-out column (mean and min alike)."""
+    ref_rows = np.concatenate([_rows(r) for r in reference])
+    out_rows = np.concatenate([_rows(c) for c in candidate])
+    ref, out = ref_rows.astype(np.float64), out_rows.astype(np.float64)
     rows_finite = np.isfinite(ref).all(1) & np.isfinite(out).all(1)
     finite = bool(rows_finite.all())
     with np.errstate(all="ignore"):  # non-finite rows give NaN, as they should
-        nr, no = np.linalg.norm(ref, axis=1), np.linalg.norm(out, axis=1)
-        cosine = np.clip((ref * out).sum(1) / np.maximum(nr * no, 1e-300), -1.0, 1.0)
-        cosine = np.where((nr == 0) | (no == 0), ((nr == 0) & (no == 0)) * 1.0, cosine)
+        if not (_is_float(ref_rows) and _is_float(out_rows)):
+            cosine = (ref_rows == out_rows).all(1) * 1.0  # exact: compared before float64
+        elif ref.shape[1] == 1:
+            cosine = np.full(len(ref), _cosine(ref.T, out.T)[0] if finite else np.nan)
+        else:
+            cosine = _cosine(ref, out)
         cosine = np.where(rows_finite, cosine, np.nan)
         noise = float(((ref - out) ** 2).sum())
         signal = float((ref**2).sum())
@@ -106,9 +124,10 @@ def compare(
     if labels is not None:
         truth = np.concatenate(labels)
         nan = float("nan")
-        top1 = float((ref.argmax(1) == out.argmax(1)).mean()) if finite else nan
-        acc_float = float((ref.argmax(1) == truth).mean()) if np.isfinite(ref).all() else nan
-        acc_art = float((out.argmax(1) == truth).mean()) if finite else nan
+        ref_class, out_class = _predicted(ref), _predicted(out)
+        top1 = float((ref_class == out_class).mean()) if finite else nan
+        acc_float = float((ref_class == truth).mean()) if np.isfinite(ref).all() else nan
+        acc_art = float((out_class == truth).mean()) if finite else nan
     return Fidelity(
         samples=len(ref),
         cosine_mean=float(cosine.mean()),
@@ -119,6 +138,17 @@ def compare(
         accuracy_float=acc_float,
         accuracy_artifact=acc_art,
     )
+
+
+def _is_float(array: np.ndarray) -> bool:
+    return np.issubdtype(array.dtype, np.floating)
+
+
+def _cosine(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Cosine of each row pair; a zero row scores 1 only against a zero row."""
+    nr, no = np.linalg.norm(ref, axis=1), np.linalg.norm(out, axis=1)
+    cosine = np.clip((ref * out).sum(1) / np.maximum(nr * no, 1e-300), -1.0, 1.0)
+    return np.where((nr == 0) | (no == 0), ((nr == 0) & (no == 0)) * 1.0, cosine)
 
 
 def compare_outputs(
@@ -137,7 +167,7 @@ def compare_outputs(
     if len(each) == 1:
         return each[0]
     return Fidelity(
-        samples=each[0].samples,
+        samples=max(f.samples for f in each),  # a 0-d output has one row per batch
         cosine_mean=_worst([f.cosine_mean for f in each], min),
         cosine_min=_worst([f.cosine_min for f in each], min),
         snr_db=_worst([f.snr_db for f in each], min),
@@ -171,7 +201,8 @@ def end_to_end(
 ) -> Fidelity:
     """The artifact against the float model on the held-out batches, every output. Non-finite
     outputs on finite data fail the build: the float model's, naming where it first
-    overflows; the artifact's, with how many samples."""
+    overflows; the artifact's, with how many samples. Samples are the held-out rows, also
+    where an output is 0-d (one value per batch)."""
     names, reference = reference_outputs(module, holdout)
     for index, outputs in enumerate(reference):
         if not all(np.isfinite(output).all() for output in outputs):
@@ -182,18 +213,27 @@ def end_to_end(
             f"{what} returns {len(candidate[0])} outputs where the float model returns "
             f"{len(names)} ({', '.join(names)})"
         )
-    bad = sum(
-        int(np.logical_or.reduce([(~np.isfinite(_rows(c))).any(1) for c in outputs]).sum())
-        for outputs in candidate
-    )
+    rows = [len(next(iter(batch.values()))) for batch in holdout]
+    bad = sum(_bad_samples(outputs, n) for outputs, n in zip(candidate, rows, strict=True))
     if bad:
-        samples = sum(len(_rows(outputs[0])) for outputs in candidate)
         raise CompileFailure(
             f"{what} outputs NaN or infinite values on {bad} of "
-            f"{samples} held-out samples (the float model's are finite)"
+            f"{sum(rows)} held-out samples (the float model's are finite)"
         )
     truth = [t.numpy() for t in labels] if labels else None
-    return compare_outputs(names, reference, candidate, truth)
+    return replace(compare_outputs(names, reference, candidate, truth), samples=sum(rows))
+
+
+def _bad_samples(outputs: Sequence[np.ndarray], rows: int) -> int:
+    """The batch's samples with a NaN or infinite value in any output; a non-finite output
+    that is not one row per sample (a 0-d scalar) spoils the whole batch."""
+    bad = np.zeros(rows, bool)
+    for output in outputs:
+        if output.ndim and len(output) == rows:
+            bad |= ~np.isfinite(_rows(output)).all(1)
+        elif not np.isfinite(output).all():
+            bad[:] = True
+    return int(bad.sum())
 
 
 def reference_outputs(
@@ -223,8 +263,15 @@ def _run_float(
         for batch in holdout:
             named = output_tensors(module(**batch))
             names = [name for name, _ in named]
-            outputs.append([tensor.detach().float().numpy() for _, tensor in named])
+            outputs.append([_numpy(tensor) for _, tensor in named])
     return names, outputs
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    """float32 for a float output (numpy has no bfloat16); integer and bool outputs keep
+    their dtype, so they are scored by exact agreement."""
+    tensor = tensor.detach()
+    return (tensor.float() if tensor.is_floating_point() else tensor).numpy()
 
 
 def _outputs(entry: Entry, count: int) -> tuple[list[str], list[list[np.ndarray]]]:

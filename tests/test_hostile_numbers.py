@@ -248,6 +248,9 @@ CASES = [
         "not one class index per sample",
     ),
     ("negative-labels", "load", NPZ, _npz(x=ROWS, labels=np.full(48, -1)), 2, "negative"),
+    ("bool-labels", "load", NPZ, _npz(x=ROWS, labels=np.ones(48, bool)), 2, "booleans"),
+    ("uint16-labels", "load", NPZ, _npz(x=ROWS, labels=np.full(48, 2, "u2")), 0, "accuracy"),
+    ("uint64-labels", "load", NPZ, _npz(x=ROWS, labels=np.full(48, 2**63, "u8")), 2, "negative"),
     (
         "labels-beyond-classes",
         "load",

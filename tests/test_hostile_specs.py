@@ -120,6 +120,18 @@ def test_an_included_fifo_is_refused_where_it_is_included(tmp_path: Path, fifo: 
     assert b"main.qspec:2:9: error: cannot read included file: not a regular file" in result.stderr
 
 
+@pytest.mark.parametrize("target", ["/proc/self/environ", "secrets.txt"])
+def test_only_specs_are_included(tmp_path: Path, capsys, monkeypatch, target: str):
+    """A spec is data a CI job may check from a pull request: including any other file would
+    echo its first line (an environment variable, a password hash) in the diagnostic."""
+    monkeypatch.setenv("QSPEC_TEST_SECRET", "hunter2")
+    (tmp_path / "secrets.txt").write_text("password=hunter2\n")
+    spec = tmp_path / "main.qspec"
+    spec.write_text(f'qspec 1\ninclude "{target}"\n')
+    code, output = run_main(capsys, "check", str(spec))
+    assert code == 2 and "is not a .qspec file" in output and "hunter2" not in output, output
+
+
 def test_an_include_chain_too_deep_is_located(tmp_path: Path, capsys):
     for i in range(500):
         (tmp_path / f"f{i}.qspec").write_text(f'qspec 1\ninclude "f{i + 1}.qspec"\n')
@@ -178,6 +190,28 @@ def test_safe_regexes_are_accepted_and_fast(text: str):
 def test_regexes_that_backtrack_exponentially_are_refused(text: str):
     with pytest.raises(PatternError, match="exponential time"):
         check_pattern(Pattern(text, True, Span("t", 1, 1, 1, 1)))
+
+
+def test_polynomial_regexes_finish_on_long_names():
+    """Shapes the static check lets through (`a*a*...a*!`) run on the regex engine under a
+    time limit: on a 64-character name they finish instead of hanging a compile."""
+    name = "a" * 64
+    start = time.perf_counter()
+    for text in (r"a*a*a*a*a*a*a*a*a*a*!", r".*.*.*.*.*.*.*.*.*.*.*x", r"\w*\w*\w*\w*\w*\w*!"):
+        assert not matches(Pattern(text, True, Span("t", 1, 1, 1, 1)), name)
+    assert time.perf_counter() - start < 10
+
+
+def test_a_regex_that_runs_out_of_time_is_a_located_error(monkeypatch):
+    from qspec.dsl import patterns
+
+    class Slow:
+        def fullmatch(self, name: str, timeout: float):
+            raise TimeoutError
+
+    monkeypatch.setattr(patterns, "_timed", lambda text: Slow())
+    with pytest.raises(PatternError, match="took more than 1 s on the layer name 'fc1'"):
+        matches(Pattern("fc.*", True, Span("t", 1, 1, 1, 1)), "fc1")
 
 
 def test_a_repeat_count_beyond_the_engine_is_a_spec_error():

@@ -131,3 +131,74 @@ def test_worst_output_headline_and_first_output_top1():
     assert fidelity.worst_output() == "output[1]"
     single = compare_outputs(["output"], [first], [first], labels)
     assert single.outputs == () and "outputs" not in single.as_dict()
+
+
+def _head(tmp_path: Path, returned: str, layer_b: str) -> Path:
+    """A project whose outputs use only `b` (an unused `a` leaves the exported graph)."""
+    spec = _project(tmp_path, returned, "int8 tensor")
+    lines = [line for line in SPEC.splitlines() if not line.startswith("layer")]
+    spec.write_text("\n".join([*lines, f'layer "b" {{ {layer_b} }}', ""]))
+    return spec
+
+
+def _compile(spec: Path, out: Path) -> int:
+    return main(["compile", str(spec), "-o", str(out), "--fail-under", "cosine=0.99"])
+
+
+def test_integer_ids_score_by_exact_agreement(tmp_path: Path, capsys):
+    """Class ids (int64 [B]) from an int2 layer: cosine per sample once scored 1.0 while a
+    quarter of the ids differed; now the score is the fraction of samples that agree."""
+    spec = _head(tmp_path, "b.argmax(-1) + 1", "weight int2 tensor")
+    assert _compile(spec, tmp_path / "bad") == 1
+    assert "cosine" in capsys.readouterr().err
+
+    assert main(["compile", str(spec), "-o", str(tmp_path / "out")]) == 0
+    fidelity = json.loads((tmp_path / "out" / "report.json").read_text())["fidelity"]
+    assert fidelity["samples"] == 64 and fidelity["cosine_min"] == 0.0
+    assert 0.0 < fidelity["cosine_mean"] < 0.99
+    assert (fidelity["cosine_mean"] * 64).is_integer()  # the fraction of samples agreeing
+
+
+def test_good_integer_ids_pass(tmp_path: Path):
+    spec = _head(tmp_path, "b.argmax(-1) + 1", "keep")
+    assert _compile(spec, tmp_path / "out") == 0
+    fidelity = json.loads((tmp_path / "out" / "report.json").read_text())["fidelity"]
+    assert fidelity["cosine_mean"] == fidelity["cosine_min"] == 1.0
+
+
+def test_one_value_per_sample_is_scored_over_the_batch(tmp_path: Path, capsys):
+    """A [B] output: each sample's cosine is only its sign (always 1 here), so the held-out
+    column is one vector and a wrong value per sample fails the floor."""
+    spec = _head(tmp_path, "(b * b).sum(-1)", "weight int2 tensor")  # positive: signs agree
+    assert _compile(spec, tmp_path / "bad") == 1
+    assert "cosine" in capsys.readouterr().err
+
+
+def test_a_scalar_output_beside_batch_outputs(tmp_path: Path, capsys):
+    """A 0-d output (one value per batch) once crashed verification (exit 3); its batches'
+    values are compared as one vector, and the samples count the held-out rows."""
+    spec = _head(tmp_path, "(x[:, :1] * 0 + 1.0, b.sum())", "weight int8 channel symmetric")
+    out = tmp_path / "out"
+    assert _compile(spec, out) == 0
+    assert "fidelity on 64 held-out samples" in capsys.readouterr().out
+    fidelity = json.loads((out / "report.json").read_text())["fidelity"]
+    assert fidelity["samples"] == 64 and len(fidelity["outputs"]) == 2
+    assert all(o["cosine_min"] > 0.99 for o in fidelity["outputs"])
+
+    alone = _head(tmp_path, "b.sum()", "weight int8 channel symmetric")
+    assert _compile(alone, tmp_path / "alone") == 0
+    assert "fidelity on 64 held-out samples" in capsys.readouterr().out
+
+
+def test_exact_and_column_scores():
+    """Ids: the fraction of samples that agree; one value per sample or per batch (0-d): one
+    cosine over the column, so a wrong magnitude with the right sign is caught."""
+    ids = compare_outputs(["output"], [[np.array([1, 2, 3, 4])]], [[np.array([1, 2, 0, 4])]], None)
+    assert (ids.cosine_mean, ids.cosine_min, ids.samples) == (0.75, 0.0, 4)
+    column = compare_outputs(
+        ["output"], [[np.array([1.0, 1.0], "f4")]], [[np.array([1.0, 9.0], "f4")]], None
+    )
+    assert column.cosine_mean == column.cosine_min < 0.8
+    rows, scalar = np.ones((3, 2), "f4"), np.array(2.0, "f4")
+    mixed = compare_outputs(["a", "b"], [[rows, scalar]] * 2, [[rows, scalar]] * 2, None)
+    assert mixed.samples == 6 and mixed.cosine_min > 0.999999

@@ -24,6 +24,8 @@ class OnnxRunner:
         providers = ["CPUExecutionProvider"]
         if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, "CUDAExecutionProvider")
+        self.quiet = ort.RunOptions()
+        self.quiet.log_severity_level = 4  # a failed run raises; its colored log line is noise
         self.session = ort.InferenceSession(str(path), options, providers=providers)
         self.input_names = [i.name for i in self.session.get_inputs()]
         # Fixed sizes per input (None where a dimension is free), checked before a run.
@@ -38,7 +40,8 @@ class OnnxRunner:
         if missing:
             raise UserError(f"missing inputs {missing}; the model takes {self.input_names}")
         feed = {name: np.asarray(inputs[name]) for name in self.input_names}
-        return dict(zip(self.output_names, self.session.run(None, feed), strict=True))
+        outputs = self.session.run(None, feed, self.quiet)
+        return dict(zip(self.output_names, outputs, strict=True))
 
     def primary(self, batch: Mapping) -> np.ndarray:
         """The first output for a batch of torch tensors (used by verification)."""
