@@ -375,3 +375,26 @@ def test_fuzz_random_bytes_exit_cleanly(tmp_path: Path):
     result = qspec("check", *paths, timeout=20)
     assert result.returncode == 2
     assert b"internal error" not in result.stderr and b"Traceback" not in result.stderr
+
+
+def test_a_bad_source_date_epoch_is_refused_up_front(tmp_path: Path, capsys, monkeypatch):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    spec = write_project(tmp_path / "p", TINY_MODEL, 'layer "fc1" {\n  weight int8\n}\n')
+    code, output = run_main(capsys, "compile", str(spec), "-o", str(tmp_path / "out"))
+    assert code == 2 and "SOURCE_DATE_EPOCH='yesterday' is not a whole number" in output
+
+
+def test_a_path_the_system_refuses_is_a_user_error(tmp_path: Path, capsys):
+    spec = write_project(tmp_path / "p", TINY_MODEL, 'layer "fc1" {\n  weight int8\n}\n')
+    code, output = run_main(capsys, "compile", str(spec), "-o", str(tmp_path / ("M" * 300)))
+    assert code == 2 and "File name too long" in output and "internal error" not in output
+
+
+def test_a_build_failure_is_one_line_without_colors():
+    from qspec.cli import _brief
+
+    pages = "\x1b[96mExport failed\x1b[0m: bad output\n\nDetails\n" + "more\n" * 50
+    assert _brief(pages, debug=False) == (
+        "Export failed: bad output ... (run with --debug for the whole message)"
+    )
+    assert "more" in _brief(pages, debug=True)

@@ -521,3 +521,9 @@ def test_explain_build_refuses_a_manifest_it_cannot_read(
     spec = built / "project" / "tiny.qspec"
     code, err = qspec(capsys, "explain", str(spec), "--build", str(case))
     assert (code, fragment in err) == (2, True), err
+
+
+def test_the_output_never_lands_inside_the_build_it_runs(built: Path, case: Path, capsys):
+    argv = ["run", str(case), "--input", str(built / "in.npz"), "--output"]
+    code, err = qspec(capsys, *argv, str(case / "model.onnx"))
+    assert (code, "inside the build folder it runs" in err) == (2, True), err
