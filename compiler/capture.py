@@ -67,6 +67,8 @@ class Graph:
     layers: dict[str, Layer]
     method: Literal["export", "fx"]
     note: str = ""
+    # Per input, the axes the model takes other sizes on (exported symbolic; the others fixed)
+    free_axes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     folded: list[Folded] = field(default_factory=list)  # BatchNorms absorbed by their layer
     unfolded: list[Unfolded] = field(default_factory=list)  # BatchNorms left in float, why
 
@@ -148,7 +150,54 @@ def capture(model: LoadedModel, model_word: ir.Word | None = None) -> Graph:
             macs=macs.get(name, 0),
             groups=getattr(child, "groups", 1),
         )
-    return Graph(module, example, model.input_names, layers, method, note, folded, unfolded)
+    free = free_axes(module, example)
+    return Graph(module, example, model.input_names, layers, method, note, free, folded, unfolded)
+
+
+def symbolic_axes(graph: Graph) -> dict[str, dict[int, Any]]:
+    """torch.export's dynamic_shapes for the graph's inputs: its free axes symbolic (AUTO: a
+    size the model pins after all is still fixed), every other axis as in the example."""
+    return {
+        name: dict.fromkeys(graph.free_axes.get(name, range(t.dim())), torch.export.Dim.AUTO)
+        for name, t in graph.example.items()
+    }
+
+
+def free_axes(module: nn.Module, example: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """The axes of each input the model runs with at another size: the batch axis always, and
+    any other only when the model still runs with it one longer and twice as long (one longer
+    alone can vanish in a strided convolution's rounding). Axes of the same size at the same
+    position grow together (token ids and their attention mask). A network built for one image
+    size (padding computed at construction, a flatten into a Linear) keeps those axes fixed:
+    exported symbolic, they would fail at run time on any other size."""
+    free = {name: {0} for name, tensor in example.items() if tensor.dim()}
+    for axis, size in sorted(
+        {(axis, t.shape[axis]) for t in example.values() for axis in range(1, t.dim())}
+    ):
+        grows = [n for n, t in example.items() if t.dim() > axis and t.shape[axis] == size]
+        if all(_runs(module, example, grows, axis, extra) for extra in (1, size)):
+            for name in grows:
+                free[name].add(axis)
+    return {name: tuple(sorted(axes)) for name, axes in free.items()}
+
+
+def _runs(
+    module: nn.Module, example: dict[str, torch.Tensor], grows: list[str], axis: int, extra: int
+) -> bool:
+    """Whether the model runs with `axis` of the `grows` inputs `extra` longer (the new part
+    copied from the start, so token ids stay valid ids)."""
+    grown = {
+        name: torch.cat([t, t.narrow(axis, 0, 1).repeat_interleave(extra, axis)], axis)
+        if name in grows
+        else t
+        for name, t in example.items()
+    }
+    try:
+        with torch.no_grad():
+            module(**grown)
+    except Exception:  # the model's own refusal of the size: this axis stays fixed
+        return False
+    return True
 
 
 def _modules_called(exported: torch.export.ExportedProgram) -> set[str]:

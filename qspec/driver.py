@@ -468,7 +468,14 @@ def _manifest(spec, model, calibration, graph, state: State, artifact, targets: 
             "sha256": model.sha256,
             "capture": graph.method,
             "inputs": {
-                name: {"dtype": str(t.dtype).replace("torch.", ""), "dims": t.dim()}
+                name: {
+                    "dtype": str(t.dtype).replace("torch.", ""),
+                    "dims": t.dim(),
+                    "shape": [
+                        None if axis in graph.free_axes.get(name, ()) else size
+                        for axis, size in enumerate(t.shape)
+                    ],
+                }
                 for name, t in graph.example.items()
             },
             "folded": [{"layer": f.layer, "batchnorm": f.norm} for f in graph.folded],

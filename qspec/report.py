@@ -120,6 +120,7 @@ def assemble(
         "capture": {
             "method": method,
             "note": note,
+            "inputs": {name: i["shape"] for name, i in manifest["model"]["inputs"].items()},
             "folded": manifest["model"]["folded"],
             "unfolded": manifest["model"]["unfolded"],
         },
@@ -148,10 +149,16 @@ def _describe(entry: dict) -> str:
 
 
 def _folding(capture: dict) -> str:
-    """One sentence on the BatchNorms folded into their layers, and those left in float."""
+    """Sentences on the input sizes the artifact takes, the BatchNorms folded into their
+    layers, and those left in float."""
+    shapes = ", ".join(
+        f"{name} [{', '.join('any' if size is None else str(size) for size in shape)}]"
+        for name, shape in capture["inputs"].items()
+    )
     folded = [f"{f['batchnorm']} into {f['layer']}" for f in capture["folded"]]
     kept = [f"{u['batchnorm']} ({u['reason']})" for u in capture["unfolded"]]
-    text = f" BatchNorm folded: {', '.join(folded)}." if folded else ""
+    text = f" Inputs: {shapes} (a fixed size is one the model runs only at)."
+    text += f" BatchNorm folded: {', '.join(folded)}." if folded else ""
     return text + (f" BatchNorm left in float: {', '.join(kept)}." if kept else "")
 
 

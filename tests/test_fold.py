@@ -1,4 +1,5 @@
-"""BatchNorm folding: exact where the graph allows it, reported where it does not."""
+"""Real CNNs: BatchNorm folding (exact where the graph allows it, reported where it does not)
+and input sizes exported symbolic only where the model takes other sizes."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from projects import write_project
 from torch import nn
 
 from qspec.cli import main
+from qspec.compiler.capture import free_axes
 from qspec.compiler.fold import Folded, fold_batchnorms
 
 
@@ -157,3 +159,61 @@ def test_a_compiled_cnn_has_its_batchnorm_folded(tmp_path: Path, body: str):
     report = json.loads((out / "report.json").read_text())
     assert report["fidelity"]["cosine_min"] > 0.999  # per-channel int8 of the folded weight
     assert "BatchNorm folded: bn into conv." in (out / "report.md").read_text()
+
+
+FIXED_SIZE = """
+import math
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Net(nn.Module):
+    \"\"\"TF "same" padding computed for 32x32 inputs at construction, then a Linear.\"\"\"
+
+    def __init__(self, size=32):
+        super().__init__()
+        total = max((math.ceil(size / 2) - 1) * 2 + 3 - size, 0)
+        self.pad = (total // 2, total - total // 2, total // 2, total - total // 2)
+        self.conv = nn.Conv2d(3, 8, 3, stride=2)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * (size // 2) ** 2, 10)
+
+    def forward(self, x):
+        return self.fc(F.relu6(self.bn(self.conv(F.pad(x, self.pad)))).flatten(1))
+
+
+def load():
+    torch.manual_seed(0)
+    return Net().eval(), (torch.randn(2, 3, 32, 32),)
+
+
+def batches():
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        yield {"x": torch.randn(8, 3, 32, 32, generator=generator)}
+"""
+
+
+def test_a_network_built_for_one_size_exports_that_size(tmp_path: Path):
+    """33x33 runs (the stride rounds it away) but 64x64 does not: the spatial axes stay fixed
+    and the batch axis is free in the ONNX file."""
+    body = "defaults {\n  weight int8 channel\n}\n"
+    spec = write_project(tmp_path / "project", FIXED_SIZE, body)
+    out = tmp_path / "out"
+    assert main(["compile", str(spec), "-o", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"]["inputs"]["x"]["shape"] == [None, 3, 32, 32]
+    model = onnx.load(str(out / "model.onnx"))
+    dims = [d.dim_value or None for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [None, 3, 32, 32]
+    assert "Inputs: x [any, 3, 32, 32]" in (out / "report.md").read_text()
+
+
+def test_token_sequences_stay_free():
+    from projects import TINY_MODEL
+
+    namespace: dict = {}
+    exec(TINY_MODEL, namespace)
+    module, (ids,) = namespace["load"]()
+    assert free_axes(module, {"ids": ids}) == {"ids": (0, 1)}

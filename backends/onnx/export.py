@@ -17,13 +17,12 @@ import onnx
 import onnx_ir
 import onnxscript.optimizer
 import torch
-from torch.export import Dim
 from torch.utils._pytree import tree_flatten
 
 from qspec.backends.lowering import lowered_module
 from qspec.backends.onnx.modules import lower
 from qspec.backends.onnx.ops import TABLE
-from qspec.compiler.capture import Graph
+from qspec.compiler.capture import Graph, symbolic_axes
 from qspec.compiler.errors import CompileFailure
 from qspec.compiler.folder import sha256_file
 from qspec.compiler.qmodel import CompressedLayer, QModel
@@ -65,9 +64,7 @@ class OnnxArtifact:
 def emit(graph: Graph, qmodel: QModel, target: ir.Target | None, path: Path) -> OnnxArtifact:
     module, emitted = lowered_module(graph.module, qmodel, lower)
     opset = opset_of(target)
-    dynamic = {
-        name: {axis: Dim.AUTO for axis in range(t.dim())} for name, t in graph.example.items()
-    }
+    dynamic = symbolic_axes(graph)
     try:
         with _quiet():
             program = torch.onnx.export(
