@@ -88,6 +88,7 @@ def compile_spec(
         check_writable(out)
         with recording() as read:
             prepared = prepare(spec, log, read)
+            _check_top1_floor(prepared, fail_under or {})
             return compile_prepared(prepared, out, spec.limits, fail_under or {}, log)
     except UserError as error:
         raise SpecError([error.diagnostic], checked.sources) from error
@@ -128,6 +129,17 @@ def _choices(spec: ir.Spec, folder: Path) -> dict[str, str]:
         }
     except (KeyError, TypeError, IndexError) as error:
         raise UserError(f"{folder}/{MANIFEST} is damaged (no {error})") from None
+
+
+def _check_top1_floor(prepared: Prepared, fail_under: dict[str, float]) -> None:
+    """A top-1 floor needs labels: without them it could only ever fail, after the build."""
+    if {"top1", "top1_agreement"} & set(fail_under) and prepared.calibration.holdout_labels is None:
+        calibration = prepared.spec.calibration
+        raise UserError(
+            "--fail-under top1 needs labels, and the held-out data has none",
+            calibration.source.span if calibration else None,
+            help="add a 'labels' array of class indices to the calibration file",
+        )
 
 
 def _model_of(spec: ir.Spec) -> ir.ModelSource:

@@ -398,3 +398,12 @@ def test_a_build_failure_is_one_line_without_colors():
         "Export failed: bad output ... (run with --debug for the whole message)"
     )
     assert "more" in _brief(pages, debug=True)
+
+
+def test_a_top1_floor_without_labels_is_a_user_error(tmp_path: Path, capsys):
+    spec = write_project(tmp_path / "p", TINY_MODEL, 'layer "fc1" {\n  weight int8\n}\n')
+    out = tmp_path / "out"
+    argv = ["compile", str(spec), "-o", str(out), "--fail-under", "top1=0.5"]
+    code, output = run_main(capsys, *argv)
+    assert code == 2 and "--fail-under top1 needs labels" in output and f"{spec}:3:" in output
+    assert not out.exists()
