@@ -51,10 +51,10 @@ def check_replaceable(
         raise UserError(f"-o {given!r} holds the spec itself", help="use -o build/NAME")
     if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
         return
-    if out_dir.is_dir() and (ours or _is_build)(out_dir):
+    extra = _added_to_build(out_dir) if ours is None and out_dir.is_dir() else None
+    if out_dir.is_dir() and (extra == [] or (ours is not None and ours(out_dir))):
         return
     what = "a file" if not out_dir.is_dir() else "a folder that is not a qspec build"
-    extra = _added_to_build(out_dir) if ours is None else []
     if extra:
         shown = ", ".join(extra[:3]) + (f" and {len(extra) - 3} more" if len(extra) > 3 else "")
         what = f"a qspec build that also holds {shown}, which qspec did not write"
@@ -98,31 +98,18 @@ def cannot_write(out_dir: Path, error: OSError) -> UserError:
     return UserError(f"cannot write {out_dir}: {reason}", help="choose another output folder")
 
 
-def _is_build(folder: Path) -> bool:
-    """A folder holding exactly what a build wrote: its manifest and the files the manifest
-    lists. A user's file added to a build (notes, a data folder) makes it theirs to remove."""
+def _added_to_build(folder: Path) -> list[str] | None:
+    """What a user added to a build folder: paths (relative, POSIX) that are neither its
+    manifest, nor a file the manifest lists, nor a folder on the way to one. None where the
+    folder is no build at all. A build holding anything else is the user's to remove."""
     try:
         manifest = read_manifest(folder)
     except (OSError, ValueError):
-        return False
+        return None
     listed = manifest.get("files")
     if "format_version" not in manifest or not isinstance(listed, dict):
-        return False
-    return not foreign_files(folder, {MANIFEST, *map(str, listed)})
-
-
-def _added_to_build(folder: Path) -> list[str]:
-    """What a user added to a build folder (nothing where it is no build at all)."""
-    try:
-        listed = read_manifest(folder).get("files")
-    except (OSError, ValueError):
-        return []
-    return foreign_files(folder, {MANIFEST, *map(str, listed)}) if isinstance(listed, dict) else []
-
-
-def foreign_files(folder: Path, ours: set[str]) -> list[str]:
-    """Paths under `folder` (relative, POSIX) that are neither in `ours` nor folders on the way
-    to one of them: what qspec did not write."""
+        return None
+    ours = {MANIFEST, *map(str, listed)}
     parents = {str(parent) for name in ours for parent in PurePosixPath(name).parents}
     return sorted(
         relative

@@ -354,9 +354,9 @@ def load_calibration(
             help="lower samples or holdout, or provide more data",
         )
     held, held_labels = _last_rows(list(tail), holdout)
-    _try_shapes(model, head + held, source)
+    held_output = _try_shapes(model, head + held, source, held[0])
     if held_labels:
-        _check_label_range(model, held, held_labels, source)
+        _check_label_range(held_output, held_labels, source)
     digest = hashlib.sha256()
     for batch in head + held:
         for name in sorted(batch):
@@ -365,7 +365,7 @@ def load_calibration(
     return CalibrationData(head, held, held_labels, digest.hexdigest())
 
 
-def _try_shapes(model: LoadedModel, batches: list[Batch], word: ir.Word) -> None:
+def _try_shapes(model: LoadedModel, batches: list[Batch], word: ir.Word, keep: Batch) -> Any:
     """Run the float model once on each distinct batch shape, calibration and held-out (the
     tail batch is often smaller), so a shape it cannot take is reported here, at the
     calibration statement, rather than deep inside a pass or verification.
@@ -374,18 +374,26 @@ def _try_shapes(model: LoadedModel, batches: list[Batch], word: ir.Word) -> None
     another length, images of another size for a fully convolutional model): such data is
     accepted when, and only when, the model really runs on every shape it will be given. A
     fixed-shape rule would refuse those legitimate sources; the model is the authority on
-    what it takes, and a rank or dtype mismatch is refused before any run."""
+    what it takes, and a rank or dtype mismatch is refused before any run. Returns the
+    model's output on the shape of `keep` (one of the batches)."""
     shapes: dict[tuple[tuple[str, tuple[int, ...]], ...], Batch] = {}
     for batch in batches:
-        shapes.setdefault(tuple((k, tuple(v.shape)) for k, v in batch.items()), batch)
-    for batch in shapes.values():
-        _try_batch(model, batch, word)
+        shapes.setdefault(_shape_key(batch), batch)
+    kept = None
+    for key, batch in shapes.items():
+        output = _try_batch(model, batch, word)
+        kept = output if key == _shape_key(keep) else kept
+    return kept
 
 
-def _try_batch(model: LoadedModel, batch: Batch, word: ir.Word) -> None:
+def _shape_key(batch: Batch) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple((name, tuple(value.shape)) for name, value in batch.items())
+
+
+def _try_batch(model: LoadedModel, batch: Batch, word: ir.Word) -> Any:
     try:
         with torch.no_grad():
-            model.module(**batch)
+            return model.module(**batch)
     except Exception as error:
         shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in batch.items())
         exported = isinstance(model.module, torch.fx.GraphModule)
@@ -540,14 +548,12 @@ def _check_labels(word: ir.Word, labels: torch.Tensor) -> torch.Tensor:
     return labels
 
 
-def _check_label_range(
-    model: LoadedModel, held: list[Batch], labels: list[torch.Tensor], word: ir.Word
-) -> None:
-    """Every held-out label indexes a class of the model's first output."""
+def _check_label_range(output: Any, labels: list[torch.Tensor], word: ir.Word) -> None:
+    """Every held-out label indexes a class of the model's first output (`output`: the
+    model's on a held-out batch)."""
     from qspec.compiler.capture import primary_tensor  # capture imports this module
 
-    with torch.no_grad():
-        classes = primary_tensor(model.module(**held[0])).shape[-1]
+    classes = primary_tensor(output).shape[-1]
     top = max(int(batch_labels.max()) for batch_labels in labels if len(batch_labels))
     if top >= classes:
         raise UserError(

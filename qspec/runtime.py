@@ -52,8 +52,9 @@ def load(folder: str | Path, backend_name: str | None = None) -> Runner:
     except UserError:
         raise
     except Exception as error:  # ONNX Runtime and TVM raise types of their own for a bad file
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot load {folder / chosen['file']}: {first}", help=DAMAGED) from None
+        raise UserError(
+            f"cannot load {folder / chosen['file']}: {_first_line(error)}", help=DAMAGED
+        ) from None
     return CheckedRunner(runner, inputs)
 
 
@@ -176,11 +177,15 @@ class CheckedRunner:
             return self.runner(feed)
         except Exception as error:  # the checks passed: sizes the graph itself cannot take
             shapes = ", ".join(f"{name} {list(array.shape)}" for name, array in feed.items())
-            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise UserError(
-                f"the model cannot run on these inputs ({shapes}): {first[:300]}",
+                f"the model cannot run on these inputs ({shapes}): {_first_line(error)}",
                 help="give inputs of the sizes the model was built for",
             ) from None
+
+
+def _first_line(error: Exception) -> str:
+    """The first line of a runtime's error (ONNX Runtime and TVM explain in pages)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
 def _check_input(name: str, array: np.ndarray, spec: Mapping[str, Any], shape: list | None) -> None:
