@@ -19,11 +19,15 @@ Lowering = Callable[[CompressedLayer, nn.Module], tuple[nn.Module, str]]
 
 def lowered_module(module: nn.Module, qmodel: QModel, lower: Lowering) -> tuple[nn.Module, dict]:
     """A copy of the float module with every compressed layer replaced by what a backend's
-    `lower` makes of it, and what each became."""
+    `lower` makes of it, and what each became. The layer's forward pre-hooks (the input
+    operations capture moved out of a layer subclass) run before the replacement too."""
     module = copy.deepcopy(module)
     emitted: dict[str, str] = {}
     for name, compressed in qmodel.items():
-        replacement, what = lower(compressed, module.get_submodule(name))
+        original = module.get_submodule(name)
+        replacement, what = lower(compressed, original)
+        for hook in original._forward_pre_hooks.values():
+            replacement.register_forward_pre_hook(hook)
         module.set_submodule(name, replacement)
         emitted[name] = what
     return module.eval(), emitted

@@ -16,8 +16,18 @@ import torch
 from torch import nn
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path
 
+from qspec.compiler.attention import split_attention
 from qspec.compiler.errors import UserError
-from qspec.compiler.fold import Folded, Unfolded, fold_batchnorms, strip_prefix
+from qspec.compiler.fold import (
+    LAYER_OPS,
+    NORM_OPS,
+    Folded,
+    Unfolded,
+    fold_batchnorms,
+    module_of,
+    strip_prefix,
+)
+from qspec.compiler.plain import plain_layers
 from qspec.compiler.source import LoadedModel
 from qspec.dsl import ir
 
@@ -37,6 +47,9 @@ class Layer:
     params: int
     macs: int
     groups: int = 1
+    # The range of the ReLU / ReLU6 / clamp that alone reads the layer's output (through a
+    # folded BatchNorm): static output quantization happens after it, on the range it leaves.
+    clamp: tuple[float, float] | None = None
 
     @property
     def rows(self) -> int:
@@ -57,6 +70,18 @@ class Layer:
         return self.weight_shape[1] if self.kind.startswith("conv") else self.cols
 
 
+@dataclass(frozen=True)
+class Rewritten:
+    module: str
+    into: str  # what it became
+
+
+@dataclass(frozen=True)
+class LeftFloat:
+    module: str
+    reason: str
+
+
 @dataclass
 class Graph:
     """The captured model: the float module, its example inputs and compressible layers."""
@@ -71,6 +96,8 @@ class Graph:
     free_axes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     folded: list[Folded] = field(default_factory=list)  # BatchNorms absorbed by their layer
     unfolded: list[Unfolded] = field(default_factory=list)  # BatchNorms left in float, why
+    rewritten: list[Rewritten] = field(default_factory=list)  # modules made of plain layers
+    left_float: list[LeftFloat] = field(default_factory=list)  # weights no layer holds, why
 
 
 def matrix(layer: Layer, weight: torch.Tensor) -> torch.Tensor:
@@ -120,6 +147,7 @@ def capture(model: LoadedModel, model_word: ir.Word | None = None) -> Graph:
     module, example = model.module, model.example
     method: Literal["export", "fx"] = "export"
     note = ""
+    rewritten, left_float = _plain_modules(module)
     try:
         exported = torch.export.export(module, (), kwargs=example, strict=False)
         used = _modules_called(exported)
@@ -135,11 +163,13 @@ def capture(model: LoadedModel, model_word: ir.Word | None = None) -> Graph:
         used = {n.target for n in traced.graph.nodes if n.op == "call_module"}
         exported = None  # folding reads torch.export's graph: BatchNorms stay float
     folded, unfolded = fold_batchnorms(module, exported) if exported else ([], [])
+    clamps = _clamps(exported, {f.norm for f in folded}) if exported else {}
     macs = _macs(module, example)
     layers: dict[str, Layer] = {}
+    custom = {entry.module for entry in left_float}
     for name, child in module.named_modules():
         kind = _kind(child)
-        if kind is None or name not in used:
+        if kind is None or name not in used or name in custom:
             continue
         weight = child.weight
         layers[name] = Layer(
@@ -149,9 +179,79 @@ def capture(model: LoadedModel, model_word: ir.Word | None = None) -> Graph:
             params=sum(p.numel() for p in child.parameters(recurse=False)),
             macs=macs.get(name, 0),
             groups=getattr(child, "groups", 1),
+            clamp=clamps.get(name),
         )
     free = free_axes(module, example)
-    return Graph(module, example, model.input_names, layers, method, note, free, folded, unfolded)
+    return Graph(
+        module,
+        example,
+        model.input_names,
+        layers,
+        method,
+        note,
+        free,
+        folded,
+        unfolded,
+        rewritten,
+        left_float,
+    )
+
+
+def _plain_modules(module: nn.Module) -> tuple[list[Rewritten], list[LeftFloat]]:
+    """Rewrite layer subclasses and nn.MultiheadAttention into plain layers (in place)."""
+    plain, custom = plain_layers(module)
+    split, packed = split_attention(module)
+    rewritten = [
+        Rewritten(name, "its plain layer, the input operations as a pre-hook") for name in plain
+    ]
+    rewritten += [
+        Rewritten(name, "q_proj, k_proj, v_proj, out_proj Linear layers") for name in split
+    ]
+    left = [LeftFloat(c.module, c.reason) for c in custom]
+    return rewritten, left + [LeftFloat(u.module, u.reason) for u in packed]
+
+
+CLAMPS = {
+    torch.ops.aten.relu.default: (0.0, math.inf),
+    torch.ops.aten.relu_.default: (0.0, math.inf),
+    torch.ops.aten.hardtanh.default: (-1.0, 1.0),  # the defaults; ReLU6 passes (0, 6)
+    torch.ops.aten.hardtanh_.default: (-1.0, 1.0),
+    torch.ops.aten.clamp.default: (-math.inf, math.inf),
+    torch.ops.aten.clamp_.default: (-math.inf, math.inf),
+}
+
+
+def _clamps(
+    exported: torch.export.ExportedProgram, folded: set[str]
+) -> dict[str, tuple[float, float]]:
+    """Layer -> the (low, high) of the clamping activation that is the only reader of its
+    output at every call, looking through the BatchNorms folded into it."""
+    found: dict[str, tuple[float, float] | None] = {}
+    for node in exported.graph_module.graph.nodes:
+        layer = module_of(node) if node.target in LAYER_OPS else None
+        if layer is None:
+            continue
+        reader = node
+        while len(reader.users) == 1:
+            reader = next(iter(reader.users))
+            if not (reader.target in NORM_OPS and module_of(reader) in folded):
+                break
+        bounds = _clamp_bounds(reader) if reader is not node else None
+        found[layer] = bounds if found.get(layer, bounds) == bounds else None
+    return {layer: bounds for layer, bounds in found.items() if bounds is not None}
+
+
+def _clamp_bounds(node: torch.fx.Node) -> tuple[float, float] | None:
+    """(low, high) of a ReLU, hardtanh (ReLU6) or clamp node; None for anything else."""
+    if node.target not in CLAMPS:
+        return None
+    defaults = CLAMPS[node.target]
+    given = [*node.args[1:3], None, None][:2]
+    given = [node.kwargs.get(key, value) for key, value in zip(("min", "max"), given, strict=True)]
+    low, high = (
+        d if g is None else float(cast(float, g)) for g, d in zip(given, defaults, strict=True)
+    )
+    return (low, high) if low < high else None
 
 
 def symbolic_axes(graph: Graph) -> dict[str, dict[int, Any]]:

@@ -53,12 +53,12 @@ def fold_batchnorms(
     for node in exported.graph_module.graph.nodes:
         if node.op != "call_function" or node.target not in NORM_OPS:
             continue
-        norm_name = _module_of(node)
+        norm_name = module_of(node)
         reason = _why_not(module, node, norm_name, calls)
         if reason:
             unfolded.append(Unfolded(norm_name or str(node.name), reason))
             continue
-        layer_name = _module_of(node.args[0])
+        layer_name = module_of(node.args[0])
         assert norm_name is not None and layer_name is not None
         _fold(module.get_submodule(layer_name), module.get_submodule(norm_name))
         module.set_submodule(norm_name, nn.Identity())
@@ -71,7 +71,7 @@ def _why_not(
 ) -> str | None:
     """Why this BatchNorm call cannot be folded, or None when it can."""
     source = node.args[0]
-    layer_name = _module_of(source) if isinstance(source, torch.fx.Node) else None
+    layer_name = module_of(source) if isinstance(source, torch.fx.Node) else None
     if norm_name is None or not isinstance(module.get_submodule(norm_name), NORMS):
         return "a functional batch_norm, not a BatchNorm module"
     norm = module.get_submodule(norm_name)
@@ -117,7 +117,7 @@ def _tensor(module: nn.Module, name: str) -> torch.Tensor | None:
     return value.detach() if isinstance(value, torch.Tensor) else None
 
 
-def _module_of(node: torch.fx.Node) -> str | None:
+def module_of(node: torch.fx.Node) -> str | None:
     """The qualified name of the innermost module a graph node was called in."""
     stack = node.meta.get("nn_module_stack") or {}
     return strip_prefix(list(stack.values())[-1][0]) if stack else None

@@ -60,10 +60,16 @@ class ActivationPlan:
     granularity: str  # tensor | token
     dynamic: bool
     symmetric: bool
+    calibrate: str = "minmax"  # how a static range is chosen: minmax | percentile | mse | entropy
+    percentile: float | None = None
 
     def describe(self) -> str:
-        mode = "dynamic" if self.dynamic else "static"
-        return f"{self.format} {self.granularity} {mode}"
+        if self.dynamic:
+            return f"{self.format} {self.granularity} dynamic"
+        method = self.calibrate + (f" {self.percentile:g}" if self.percentile else "")
+        return f"{self.format} {self.granularity} static" + (
+            f" calibrate {method}" if method != "minmax" else ""
+        )
 
 
 @dataclass(frozen=True)
@@ -396,7 +402,10 @@ def _activation_plan(layer: Layer, node: ir.Activation | None) -> ActivationPlan
     dynamic = node.dynamic.value if node.dynamic else True
     fmt = node.format.text
     symmetric = node.symmetric.value if node.symmetric else fmt != "uint8"
-    return ActivationPlan(fmt, granularity, dynamic, symmetric)
+    if node.calibrate is None:
+        return ActivationPlan(fmt, granularity, dynamic, symmetric)
+    value = node.calibrate.value.value if node.calibrate.value else None
+    return ActivationPlan(fmt, granularity, dynamic, symmetric, node.calibrate.method.text, value)
 
 
 def _sparsity_plan(layer: Layer, node: ir.Sparsity | None) -> SparsityPlan | None:

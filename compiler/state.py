@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from qspec.compiler.capture import Graph, Layer, unmatrix, weight_of
+from qspec.compiler.histogram import Histogram
 from qspec.compiler.layercache import LayerCache, digest
 from qspec.compiler.qmodel import QModel
 from qspec.compiler.resolve import LayerPlan, Plan
@@ -42,6 +43,9 @@ class LayerStats:
     output_max: float = float("-inf")
     input_sum: np.ndarray | None = None  # [cols] float64
     xtx: np.ndarray | None = None  # [cols, cols] float64, sum over rows of x xᵀ
+    # value histograms, for layers whose activations are quantized on a static range
+    input_histogram: Histogram | None = None
+    output_histogram: Histogram | None = None
 
     @property
     def mean_input(self) -> np.ndarray:

@@ -149,6 +149,13 @@ def render_setting(setting: ir.Setting, indent: int) -> list[str]:
     return [pad + _render_simple_setting(setting)]
 
 
+def render_calibrate(calibrate: ir.Calibrate | None) -> str | None:
+    if calibrate is None:
+        return None
+    value = number(calibrate.value) if calibrate.value else None
+    return _words(_opt("calibrate", calibrate.method), value)
+
+
 def _render_simple_setting(setting: ir.Setting) -> str:
     if isinstance(setting, ir.Activation):
         if setting.format is None:
@@ -159,6 +166,7 @@ def _render_simple_setting(setting: ir.Setting) -> str:
             render_granularity(setting.granularity),
             render_flag(setting.symmetric, "symmetric", "asymmetric"),
             render_flag(setting.dynamic, "dynamic", "static"),
+            render_calibrate(setting.calibrate),
         )
     if isinstance(setting, ir.Sparsity):
         return "sparsity " + render_sparsity_pattern(setting)

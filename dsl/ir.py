@@ -230,11 +230,19 @@ class Weight:
 
 
 @dataclass(frozen=True)
+class Calibrate:
+    method: Word  # minmax | percentile | mse | entropy
+    value: Num | None = None  # percentile's P
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
 class Activation:
     format: Word | None  # None: `activation none`
     granularity: Granularity | None = None
     symmetric: Flag | None = None
     dynamic: Flag | None = None
+    calibrate: Calibrate | None = None  # how a static range is chosen
     span: Span = _span()
 
 

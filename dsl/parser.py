@@ -563,8 +563,14 @@ class ToIR:
     def activation(self, span: ir.Span, children: list[Any]) -> ir.Activation:
         name, *items = children
         fmt = self.word(name, vocabulary.ACTIVATION_FORMAT, "activation format")
-        opts = self.options(items, ("granularity", "symmetric", "dynamic"))
+        opts = self.options(items, ("granularity", "symmetric", "dynamic", "calibrate"))
         return ir.Activation(fmt, **opts, span=span)
+
+    def calibrate(self, span: ir.Span, children: list[Any]) -> _Option[ir.Calibrate]:
+        method, *value = children
+        word = self.word(method, vocabulary.CALIBRATE, "calibration method")
+        number = self.num(value[0], whole=False) if value else None
+        return ("calibrate", ir.Calibrate(word, number, span), span)
 
     def activation_none(self, span: ir.Span, children: list[Any]) -> ir.Activation:
         return ir.Activation(None, span=span)

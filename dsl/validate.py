@@ -324,6 +324,8 @@ class Checker:
                 activation.dynamic.span,
                 help="write dynamic, or use tensor for static scales",
             )
+        if activation.calibrate:
+            self.calibrate(activation.calibrate, static)
         fmt, symmetric = activation.format, activation.symmetric
         if fmt and symmetric and not symmetric.value and fmt.text.startswith("fp8"):
             self.error(f"{fmt.text} has no zero point", symmetric.span)
@@ -333,6 +335,21 @@ class Checker:
                 symmetric.span,
                 help="for symmetric activations use int8",
             )
+
+    def calibrate(self, calibrate: ir.Calibrate, static: bool) -> None:
+        if not static:
+            self.error(
+                "a calibration method chooses a static range",
+                calibrate.span,
+                help="write `static` before it (dynamic scales are computed at run time)",
+            )
+        method, value = calibrate.method.text, calibrate.value
+        if method == "percentile" and value is None:
+            self.error("percentile needs P", calibrate.span, "a number such as 99.99")
+        elif method == "percentile" and value is not None and not 50 < value.value <= 100:
+            self.error("the percentile P lies in (50, 100]", value.span, "a number such as 99.99")
+        elif method != "percentile" and value is not None:
+            self.error(f"{method} takes no number", value.span, help="percentile P does")
 
     def sparsity(self, sparsity: ir.Sparsity) -> None:
         pattern = sparsity.pattern

@@ -40,6 +40,10 @@ ACTIVATION_FORMAT = Vocabulary(
 )
 SCALE_FORMAT = Vocabulary(tuple(SCALE_FORMATS), "a scale format: fp32, fp16, fp8 or e8m0")
 ROUNDING = Vocabulary(("nearest", "gptq"), "a rounding method: nearest or gptq")
+CALIBRATE = Vocabulary(
+    ("minmax", "percentile", "mse", "entropy"),
+    "an activation calibration method: minmax, percentile P, mse or entropy",
+)
 SEARCH = Vocabulary(("clip", "format"), "a search target: clip or format")
 SPARSITY_METHOD = Vocabulary(
     ("magnitude", "wanda", "sparsegpt"), "a sparsity method: magnitude, wanda or sparsegpt"

@@ -26,7 +26,9 @@ from torch.nn import functional as F
 
 from qspec.compiler.capture import Layer
 from qspec.compiler.errors import CompileFailure
+from qspec.compiler.histogram import BINS, Histogram
 from qspec.compiler.layercache import Entry
+from qspec.compiler.resolve import LayerPlan
 from qspec.compiler.state import LayerStats, State
 from qspec.passes.methods import needs_hessian
 
@@ -130,14 +132,14 @@ def run(state: State) -> State:
     hooks = []
     for name in scope:
         layer, plan = state.graph.layers[name], plans[name]
-        second_moment = needs_hessian(plan)
+        second_moment, histograms = needs_hessian(plan), needs_histograms(plan)
 
-        def hook(child, inputs, output, name=name, layer=layer, second_moment=second_moment):
+        def hook(child, inputs, output, name=name, layer=layer, needs=(second_moment, histograms)):
             x = inputs[0].detach()
             if not (_finite(x) and _finite(output)):
                 raise _NonFinite(name)
             layer_stats = stats[name]
-            _accumulate(layer_stats, layer, child, x, output.detach().float(), second_moment)
+            _accumulate(layer_stats, layer, child, x, output.detach().float(), *needs)
             seen.add(name)
             if len(seen) == len(stats):
                 raise _Done
@@ -175,13 +177,24 @@ def _reuse(state: State, scope: list[str]) -> dict[str, str]:
     missing = {}
     for name in scope:
         key = cache.key("stats", state.working_digest, name)
-        layer, second_moment = state.graph.layers[name], needs_hessian(state.plan.layers[name])
-        stats = cache.load("stats", key, name, partial(_stats, layer=layer, xtx=second_moment))
+        layer, plan = state.graph.layers[name], state.plan.layers[name]
+        needs = partial(
+            _stats, layer=layer, xtx=needs_hessian(plan), histograms=needs_histograms(plan)
+        )
+        stats = cache.load("stats", key, name, needs)
         if stats is None:
             missing[name] = key
         else:
             state.stats[name] = stats
     return missing
+
+
+def needs_histograms(plan: LayerPlan) -> bool:
+    """Static activation ranges are chosen from value histograms."""
+    return plan.activation is not None and not plan.activation.dynamic
+
+
+HISTOGRAMS = ("input_histogram", "output_histogram")
 
 
 def _entry(stats: LayerStats) -> Entry:
@@ -194,19 +207,32 @@ def _entry(stats: LayerStats) -> Entry:
         "output_max": stats.output_max,
         "xtx": stats.xtx is not None,
     }
+    for name in HISTOGRAMS:
+        histogram = getattr(stats, name)
+        if histogram is not None:
+            arrays[name], meta[f"{name}_limit"] = histogram.counts, histogram.limit
     return Entry(meta, {name: array for name, array in arrays.items() if array is not None})
 
 
-def _stats(entry: Entry, layer: Layer, xtx: bool) -> LayerStats:
-    """The statistics of an entry, without XᵀX when the layer does not need it (as measuring
-    would leave them: the rest is accumulated alike either way); ValueError when the entry
-    lacks XᵀX the layer needs, or its arrays do not fit the layer."""
+def _stats(entry: Entry, layer: Layer, xtx: bool, histograms: bool) -> LayerStats:
+    """The statistics of an entry, without XᵀX or histograms when the layer does not need them
+    (as measuring would leave them: the rest is accumulated alike either way); ValueError when
+    the entry lacks what the layer needs, or its arrays do not fit the layer."""
     meta, arrays = entry.meta, entry.arrays
     if xtx and not meta["xtx"]:
         raise ValueError("measured without XᵀX")
-    for name, shape in (("input_sum", (layer.cols,)), ("xtx", (layer.cols, layer.cols))):
+    if histograms and not all(name in arrays for name in HISTOGRAMS):
+        raise ValueError("measured without histograms")
+    shapes = {"input_sum": (layer.cols,), "xtx": (layer.cols, layer.cols)}
+    shapes |= dict.fromkeys(HISTOGRAMS, (BINS,))
+    for name, shape in shapes.items():
         if name in arrays and (arrays[name].shape, arrays[name].dtype) != (shape, np.float64):
             raise ValueError(f"{name} of another shape")
+    found = {
+        name: Histogram(float(meta[f"{name}_limit"]), arrays[name])
+        for name in HISTOGRAMS
+        if histograms
+    }
     return LayerStats(
         samples=meta["samples"],
         input_min=meta["input_min"],
@@ -215,17 +241,26 @@ def _stats(entry: Entry, layer: Layer, xtx: bool) -> LayerStats:
         output_max=meta["output_max"],
         input_sum=arrays.get("input_sum"),
         xtx=arrays.get("xtx") if xtx else None,
+        **found,
     )
 
 
-def _accumulate(stats: LayerStats, layer: Layer, module, x, output, second_moment: bool) -> None:
+def _accumulate(
+    stats: LayerStats, layer: Layer, module, x, output, second_moment: bool, histograms: bool
+) -> None:
     stats.output_min = min(stats.output_min, float(output.min()))
     stats.output_max = max(stats.output_max, float(output.max()))
+    if histograms:  # the output as the next layer sees it: after its clamping activation
+        stats.output_histogram = stats.output_histogram or Histogram()
+        stats.output_histogram.add(output.clamp(*layer.clamp) if layer.clamp else output)
     if layer.kind == "embedding":
         return
     x = x.float()
     stats.input_min = min(stats.input_min, float(x.min()))
     stats.input_max = max(stats.input_max, float(x.max()))
+    if histograms:
+        stats.input_histogram = stats.input_histogram or Histogram()
+        stats.input_histogram.add(x)
     rows = input_rows(layer, module, x)
     if rows is None:
         return

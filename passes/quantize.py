@@ -19,6 +19,7 @@ from qspec.compiler.resolve import ActivationPlan, LayerPlan
 from qspec.compiler.state import State
 from qspec.dsl.formats import WEIGHT_FORMATS
 from qspec.passes.methods import ROUNDING, joint_pattern
+from qspec.passes.ranges import activation_range
 from qspec.passes.search import search_clip, search_format
 
 INT8_RANGE = {"int8": (-128, 127), "uint8": (0, 255)}
@@ -59,11 +60,23 @@ def run(state: State) -> State:
         )
         if plan.activation and not plan.activation.dynamic:
             assert stats is not None
+            activation = plan.activation
+            method = (activation.calibrate, activation.percentile)
+            low, high = activation_range(
+                *method, stats.input_min, stats.input_max, stats.input_histogram
+            )
             compressed.activation_scale, compressed.activation_zero_point = static_scale(
-                plan.activation, stats.input_min, stats.input_max
+                activation, low, high
+            )
+            bottom, top = plan.layer.clamp or (-np.inf, np.inf)  # quantized after the clamp
+            low, high = activation_range(
+                *method,
+                float(np.clip(stats.output_min, bottom, top)),
+                float(np.clip(stats.output_max, bottom, top)),
+                stats.output_histogram,
             )
             compressed.output_scale, compressed.output_zero_point = static_scale(
-                plan.activation, stats.output_min, stats.output_max
+                activation, low, high
             )
         state.qmodel[name] = compressed
     return state
@@ -105,8 +118,17 @@ def static_scale(plan: ActivationPlan, low: float, high: float) -> tuple[float, 
     if plan.symmetric:
         bound = max(-low, high)
         scale = bound / ((qmax - qmin) / 2) if bound > 0 else 1.0
-        zero = 0 if plan.format == "int8" else 128
-    else:
-        scale = (high - low) / (qmax - qmin) if high > low else 1.0
-        zero = int(np.clip(round(qmin - low / scale), qmin, qmax))
-    return float(np.float32(scale)), zero
+        return float(np.float32(scale)), 0 if plan.format == "int8" else 128
+    scale = (high - low) / (qmax - qmin) if high > low else 1.0
+    zero = int(np.clip(round(qmin - low / scale), qmin, qmax))
+    return _inside(np.float32(scale), zero, qmin, qmax, low, high), zero
+
+
+def _inside(scale: np.float32, zero: int, qmin: int, qmax: int, low: float, high: float) -> float:
+    """The float32 scale, lowered by ulps until the grid's ends lie inside [low, high] in
+    float32: ONNX Runtime drops a ReLU6 before a QuantizeLinear only when the grid's top is
+    not above 6, and rounding 6 / 255 to float32 rounds it up."""
+    ends = np.array([qmin - zero, qmax - zero], dtype=np.float32)
+    while scale > 0 and not (low <= scale * ends[0] and scale * ends[1] <= high):
+        scale = np.nextafter(scale, np.float32(0))
+    return float(scale)

@@ -238,7 +238,10 @@ def compile_prepared(
             entry.update(verified[entry["name"]].record())
         lowered = artifact.module
         layer_errors = per_layer(
-            graph.module, {n: lowered.get_submodule(n) for n in state.qmodel}, calibration.holdout
+            graph.module,
+            {n: lowered.get_submodule(n) for n in state.qmodel},
+            calibration.holdout,
+            {n: graph.layers[n].clamp for n in state.qmodel},
         )
         clock.lap("verify")
         latency = {
@@ -492,6 +495,8 @@ def _manifest(spec, model, calibration, graph, state: State, artifact, targets: 
             },
             "folded": [{"layer": f.layer, "batchnorm": f.norm} for f in graph.folded],
             "unfolded": [{"batchnorm": u.norm, "reason": u.reason} for u in graph.unfolded],
+            "rewritten": [{"module": r.module, "into": r.into} for r in graph.rewritten],
+            "left_float": [{"module": f.module, "reason": f.reason} for f in graph.left_float],
         },
         "calibration": {
             "source": spec.calibration.source.text if spec.calibration else None,

@@ -123,6 +123,8 @@ def assemble(
             "inputs": {name: i["shape"] for name, i in manifest["model"]["inputs"].items()},
             "folded": manifest["model"]["folded"],
             "unfolded": manifest["model"]["unfolded"],
+            "rewritten": manifest["model"]["rewritten"],
+            "left_float": manifest["model"]["left_float"],
         },
         "fidelity": fidelity and fidelity.as_dict(),
         "targets": [
@@ -150,7 +152,7 @@ def _describe(entry: dict) -> str:
 
 def _folding(capture: dict) -> str:
     """Sentences on the input sizes the artifact takes, the BatchNorms folded into their
-    layers, and those left in float."""
+    layers, the modules rewritten into plain layers, and the weights left in float."""
     shapes = ", ".join(
         f"{name} [{', '.join('any' if size is None else str(size) for size in shape)}]"
         for name, shape in capture["inputs"].items()
@@ -159,7 +161,11 @@ def _folding(capture: dict) -> str:
     kept = [f"{u['batchnorm']} ({u['reason']})" for u in capture["unfolded"]]
     text = f" Inputs: {shapes} (a fixed size is one the model runs only at)."
     text += f" BatchNorm folded: {', '.join(folded)}." if folded else ""
-    return text + (f" BatchNorm left in float: {', '.join(kept)}." if kept else "")
+    text += f" BatchNorm left in float: {', '.join(kept)}." if kept else ""
+    rewritten = [f"{r['module']} into {r['into']}" for r in capture["rewritten"]]
+    text += f" Rewritten: {'; '.join(rewritten)}." if rewritten else ""
+    left = [f"{f['module']} ({f['reason']})" for f in capture["left_float"]]
+    return text + (f" Weights left in float: {'; '.join(left)}." if left else "")
 
 
 def markdown(report: dict) -> str:

@@ -281,11 +281,15 @@ def _outputs(entry: Entry, count: int) -> tuple[list[str], list[list[np.ndarray]
 
 
 def per_layer(
-    module: torch.nn.Module, lowered: dict[str, torch.nn.Module], holdout: Sequence[Batch]
+    module: torch.nn.Module,
+    lowered: dict[str, torch.nn.Module],
+    holdout: Sequence[Batch],
+    clamps: dict[str, tuple[float, float] | None],
 ) -> dict[str, dict[str, float]]:
     """Relative output error and SNR of each lowered layer on the float model's layer inputs,
-    each cached by content (the float model and data, the lowered layer and its backend's
-    code): only the layers not cached run."""
+    after the clamping activation that reads a layer's output where there is one (what the
+    next layer sees), each cached by content (the float model and data, the lowered layer and
+    its backend's code): only the layers not cached run."""
     cache = open_module_cache(module, holdout)
     errors: dict[str, dict[str, float]] = {}
     keys: dict[str, str] = {}
@@ -296,7 +300,8 @@ def per_layer(
             found = cache.load(LAYER_ERROR, keys[name], name, _layer_error)
             if found is not None:
                 errors[name] = found
-    measured = _per_layer(module, {n: m for n, m in lowered.items() if n not in errors}, holdout)
+    missing = {n: m for n, m in lowered.items() if n not in errors}
+    measured = _per_layer(module, missing, holdout, clamps)
     if cache is not None:
         for name, error in measured.items():
             cache.save(LAYER_ERROR, keys[name], Entry(error))
@@ -309,7 +314,10 @@ def _layer_error(entry: Entry) -> dict[str, float]:
 
 
 def _per_layer(
-    module: torch.nn.Module, lowered: dict[str, torch.nn.Module], holdout: Sequence[Batch]
+    module: torch.nn.Module,
+    lowered: dict[str, torch.nn.Module],
+    holdout: Sequence[Batch],
+    clamps: dict[str, tuple[float, float] | None],
 ) -> dict[str, dict[str, float]]:
     if not lowered:
         return {}
@@ -321,9 +329,11 @@ def _per_layer(
             continue
 
         def hook(_module, inputs, output, name: str = name) -> None:
-            approximate = lowered[name](*inputs).double()  # float64: squares do not overflow
-            noise[name] += float(((approximate - output.double()) ** 2).sum())
-            signal[name] += float((output.double() ** 2).sum())
+            # `inputs` went through the layer's pre-hooks already: skip the lowered copy's
+            approximate = _clamped(lowered[name].forward(*inputs), clamps.get(name)).double()
+            output = _clamped(output, clamps.get(name)).double()  # float64: no overflow
+            noise[name] += float(((approximate - output) ** 2).sum())
+            signal[name] += float((output**2).sum())
 
         hooks.append(child.register_forward_hook(hook))
     try:
@@ -339,6 +349,10 @@ def _per_layer(
         snr = 10 * np.log10(signal[name] / noise[name]) if noise[name] else float("inf")
         errors[name] = {"relative_error": _round(relative), "snr_db": _round(float(snr))}
     return errors
+
+
+def _clamped(y: torch.Tensor, clamp: tuple[float, float] | None) -> torch.Tensor:
+    return y if clamp is None else torch.clamp(y, *clamp)
 
 
 def _ratio(noise: float) -> float:

@@ -125,6 +125,11 @@ def test_activation_forms():
     assert act == ir.Activation(W("int8"), ir.Granularity("token"), ir.Flag(False), ir.Flag(True))
     assert settings_of("activation fp8 tensor static")[0].dynamic == ir.Flag(False)
     assert settings_of("activation none")[0] == ir.Activation(None)
+    (calibrated,) = settings_of("activation uint8 static calibrate percentile 99.99")
+    assert calibrated.calibrate == ir.Calibrate(W("percentile"), N(99.99))
+    assert settings_of("activation int8 static calibrate entropy")[0].calibrate == ir.Calibrate(
+        W("entropy")
+    )
 
 
 def test_sparsity_forms():
