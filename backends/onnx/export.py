@@ -40,6 +40,7 @@ class OnnxArtifact:
     layer_bytes: dict[str, int]  # layer -> bytes of its initializers in the file
     total_bytes: int
     module: torch.nn.Module  # the lowered module that was exported (torch reference ops)
+    needs_vnni: bool = False  # signed int8 convolution weights (see modules.signed_int8_kernels)
 
     def entry(self, target: ir.Target, stage: Path) -> dict:
         return {
@@ -48,6 +49,7 @@ class OnnxArtifact:
             "file": self.path.name,
             "bytes": self.total_bytes,
             "sha256": sha256_file(self.path),
+            "needs_vnni": self.needs_vnni,
         }
 
     def other_bytes(self) -> int:
@@ -85,6 +87,7 @@ def emit(graph: Graph, qmodel: QModel, target: ir.Target | None, path: Path) -> 
     _narrow(program.model, _narrow_types(module, qmodel))
     _optimize(program.model, prefixes=tuple(f"{name}." for name in qmodel))
     _drop_covered_clamps(program.model.graph)
+    _fold_zero_pads(program.model.graph)
     _share_quantized(program.model.graph)
     model = program.model_proto
     model.ir_version = IR_VERSION
@@ -95,7 +98,20 @@ def emit(graph: Graph, qmodel: QModel, target: ir.Target | None, path: Path) -> 
     onnx.checker.check_model(model, full_check=True)
     data = model.SerializeToString(deterministic=True)
     path.write_bytes(data)
-    return OnnxArtifact(path, emitted, _layer_bytes(model, qmodel), len(data), module)
+    signed = any(_signed_weights(module.get_submodule(name)) for name in qmodel)
+    return OnnxArtifact(path, emitted, _layer_bytes(model, qmodel), len(data), module, signed)
+
+
+def _signed_weights(lowered: torch.nn.Module) -> bool:
+    """A static integer convolution holding signed int8 weights (u8 x s8 kernels)."""
+    codes = getattr(lowered, "codes", None)
+    static = getattr(lowered, "input_scale", None) is not None
+    return (
+        static
+        and getattr(lowered, "conv", False)
+        and codes is not None
+        and codes.dtype == torch.int8
+    )
 
 
 def opset_of(target: ir.Target | None) -> int:
@@ -144,6 +160,67 @@ def _drop_covered_clamps(graph: onnx_ir.Graph) -> None:
             continue
         output.replace_all_uses_with(source)
         graph.remove(node, safe=True)
+
+
+def _fold_zero_pads(graph: onnx_ir.Graph) -> None:
+    """Fold a zero Pad of the spatial axes into the Convs that read it, directly or through one
+    QuantizeLinear -> DequantizeLinear pair (exact: the zero point dequantizes to 0). A layer
+    subclass's "same" padding (run as a pre-hook) otherwise stands in float between two integer
+    convolutions; ONNX Conv takes asymmetric pads."""
+    for node in list(graph):
+        spatial = _zero_pad(node)
+        if spatial is None:
+            continue
+        convs = _conv_readers(node.outputs[0])
+        if not convs or any(
+            conv.attributes.get_string("auto_pad", "NOTSET") != "NOTSET" for conv in convs
+        ):
+            continue
+        for conv in convs:
+            pads = list(conv.attributes.get_ints("pads", [0] * len(spatial)))
+            conv.attributes["pads"] = onnx_ir.AttrInt64s(
+                "pads", [a + b for a, b in zip(pads, spatial, strict=True)]
+            )
+        source = node.inputs[0]
+        assert source is not None
+        node.outputs[0].replace_all_uses_with(source)
+        graph.remove(node, safe=True)
+
+
+def _zero_pad(node: onnx_ir.Node) -> list[int] | None:
+    """A constant-zero Pad of a 4-D tensor's two spatial axes only: its pads in Conv's order
+    (top, left, bottom, right); None for anything else."""
+    if node.op_type != "Pad" or node.domain not in ("", "ai.onnx") or len(node.inputs) > 3:
+        return None
+    if node.attributes.get_string("mode", "constant") != "constant":
+        return None
+    amounts = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] else None
+    value = node.inputs[2] if len(node.inputs) > 2 else None
+    if amounts is None or (value is not None and _scalar(value) != 0.0):
+        return None
+    pads = [int(v) for v in amounts.numpy()]
+    if len(pads) != 8 or any(pads[i] for i in (0, 1, 4, 5)) or min(pads) < 0:
+        return None
+    return [pads[2], pads[3], pads[6], pads[7]]
+
+
+def _conv_readers(value: onnx_ir.Value) -> list[onnx_ir.Node]:
+    """The Convs reading `value` as their input, directly or through one Q -> DQ pair; empty
+    when anything else reads it."""
+    convs = []
+    for use in value.uses():
+        node = use.node
+        if node.op_type == "QuantizeLinear" and use.idx == 0:
+            readers = [u.node for u in node.outputs[0].uses()]
+            if len(readers) != 1 or readers[0].op_type != "DequantizeLinear":
+                return []
+            uses = list(readers[0].outputs[0].uses())
+        else:
+            uses = [use]
+        if not all(u.node.op_type == "Conv" and u.idx == 0 for u in uses):
+            return []
+        convs += [u.node for u in uses]
+    return convs
 
 
 def _share_quantized(graph: onnx_ir.Graph) -> None:
