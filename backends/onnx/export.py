@@ -89,6 +89,7 @@ def emit(graph: Graph, qmodel: QModel, target: ir.Target | None, path: Path) -> 
     _drop_covered_clamps(program.model.graph)
     _fold_zero_pads(program.model.graph)
     _share_quantized(program.model.graph)
+    _drop_unused_initializers(program.model.graph)
     model = program.model_proto
     model.ir_version = IR_VERSION
     model.producer_name, model.producer_version = "qspec", ""
@@ -242,6 +243,13 @@ def _share_quantized(graph: onnx_ir.Graph) -> None:
             if use.node.op_type == "Add" and use.node.domain in ("", "ai.onnx"):
                 use.node.replace_input_with(use.idx, dequantize.outputs[0])
     graph.sort()  # a reader may come before the DequantizeLinear it now reads
+
+
+def _drop_unused_initializers(graph: onnx_ir.Graph) -> None:
+    """The constants the passes above orphaned (Clip bounds, Pad amounts)."""
+    for name, value in list(graph.initializers.items()):
+        if not value.uses() and not value.is_graph_output():
+            del graph.initializers[name]
 
 
 def _clamp_range(node: onnx_ir.Node) -> tuple[float, float]:

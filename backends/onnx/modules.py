@@ -43,10 +43,11 @@ products in saturating int16 (vpmaddubsw), and full-range int8 weights come out 
 DynamicQuantizeMatMul off by 2.8 where the quantization error is 0.05, QLinearConv by up to 136
 output steps); its u8u8 kernels are exact. The exception: static convolutions built on a machine
 with VNNI keep signed weights (`signed_int8_kernels`), for u8s8 QLinearConv, about twice as fast
-(measured on EfficientNet-Lite0), and the artifact records that it needs VNNI. Activations are quantized to uint8 too, int8 ones
-with zero point z + 128 (the same grid): with int8 activations and uint8 weights ONNX Runtime
-fused a MatMul only when it was the QuantizeLinear's sole reader, so layers sharing an input
-(attention's q, k, v) stayed in float.
+(measured on EfficientNet-Lite0), and the artifact records that it needs VNNI.
+
+Activations are quantized to uint8 too, int8 ones with zero point z + 128 (the same grid):
+with int8 activations and uint8 weights ONNX Runtime fused a MatMul only when it was the
+QuantizeLinear's sole reader, so layers sharing an input (attention's q, k, v) stayed in float.
 """
 
 from __future__ import annotations
