@@ -58,7 +58,7 @@ FAMILIES = {
     "mobilenet_v3_small": (0.999, 0.96, False),
     "efficientnet_b0": (0.999, 0.98, False),
     "regnet_y_400mf": (0.999, 0.97, False),
-    "squeezenet1_1": (0.997, 0.97, False),  # TVM 0.27 fails on ceil_mode pooling (if_then_else)
+    "squeezenet1_1": (0.997, 0.94, False),  # TVM 0.27 fails on ceil_mode pooling (if_then_else)
     "convnext_tiny": (0.998, 0.94, False),
     "vit_b_16": (0.998, 0.94, True),
 }
