@@ -15,7 +15,7 @@ module as it is, out of the layer table, and reported.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -97,14 +97,22 @@ def _is_attr(node: Any, name: str) -> bool:
 def _rebuilt(module: nn.Module, base: type[nn.Module], options: list[Any]) -> nn.Module:
     """The base class with the subclass's parameters and the options of its call."""
     weight, bias = module.weight, module.bias
-    assert isinstance(weight, torch.Tensor)
+    assert isinstance(weight, nn.Parameter) and (bias is None or isinstance(bias, nn.Parameter))
+    return plain_layer(base, weight, bias, options).train(module.training)
+
+
+def plain_layer(
+    base: type[nn.Module], weight: nn.Parameter, bias: nn.Parameter | None, options: Sequence[Any]
+) -> nn.Module:
+    """`base` (nn.Linear, nn.Conv1d or nn.Conv2d) holding these very parameters, with a
+    convolution's call options (stride, padding, dilation, groups; missing ones default)."""
     layer: nn.Module
     if base is nn.Linear:
         layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     else:
         defaults: list[Any] = [1, 0, 1, 1]
         stride, padding, dilation, groups = [*options, *defaults[len(options) :]]
-        kernel: Any = tuple(weight.shape[2:])
+        kernel: Any = tuple(weight.shape[2:])  # torch's stubs want a tuple of the class's length
         layer = base(
             weight.shape[1] * groups,
             weight.shape[0],
@@ -115,10 +123,10 @@ def _rebuilt(module: nn.Module, base: type[nn.Module], options: list[Any]) -> nn
             groups=groups,
             bias=bias is not None,
         )
-    layer.weight = module.weight
+    layer.weight = weight
     if bias is not None:
-        layer.bias = module.bias
-    return layer.train(module.training)
+        layer.bias = bias
+    return layer
 
 
 def _prefix(module: nn.Module, graph: fx.Graph, source: fx.Node) -> fx.GraphModule:

@@ -25,6 +25,7 @@ import torch
 
 from qspec.compiler.errors import UserError
 from qspec.compiler.inputs import ENTRY_PREFIX
+from qspec.compiler.plain import plain_layer
 from qspec.dsl import ir
 from qspec.dsl.diagnostics import did_you_mean
 from qspec.dsl.files import numpy_load_error, regular_file_problem
@@ -234,31 +235,14 @@ def _layer_module(
     """
     args: tuple[Any, ...] = node.args
     weight = graph_module.get_parameter(args[0 if kind == "embedding" else 1].target)
-    has_bias = getattr(bias, "op", None) == "get_attr"
     if kind == "embedding":
-        layer: torch.nn.Module = torch.nn.Embedding(*weight.shape)
-    elif kind == "linear":
-        layer = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias)
-    else:
-        options = [*args[3:7], *(1, 0, 1, 1)[len(args[3:7]) :]]
-        stride, padding, dilation, groups = options
-        conv = torch.nn.Conv1d if kind == "conv1d" else torch.nn.Conv2d
-        # one or two ints; torch's stubs want a tuple of the length that each class takes
-        kernel_size: Any = tuple(weight.shape[2:])
-        layer = conv(
-            weight.shape[1] * groups,
-            weight.shape[0],
-            kernel_size,
-            stride=stride,
-            padding=padding,
-            dilation=dilation,
-            groups=groups,
-            bias=has_bias,
-        )
-    layer.weight = weight
-    if has_bias:
-        layer.bias = graph_module.get_parameter(bias.target)
-    return layer
+        layer = torch.nn.Embedding(*weight.shape)
+        layer.weight = weight
+        return layer
+    has_bias = getattr(bias, "op", None) == "get_attr"
+    parameter = graph_module.get_parameter(bias.target) if has_bias else None
+    base = {"linear": torch.nn.Linear, "conv1d": torch.nn.Conv1d}.get(kind, torch.nn.Conv2d)
+    return plain_layer(base, weight, parameter, args[3:7] if kind != "linear" else ())
 
 
 def _load_hf(word: ir.Word) -> tuple[torch.nn.Module, Batch]:
