@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from ort_runs import flag_summary
+
 ROOT = Path(__file__).parents[1]
 RESULTS = ROOT / "bench" / "results" / "cache_minilm.md"
 QSPEC = [sys.executable, "-m", "qspec"]
@@ -35,16 +37,6 @@ def timed(command: list[str], env: dict[str, str]) -> tuple[float, str]:
     if run.returncode not in (0, 1):
         raise SystemExit(f"{' '.join(command)} failed:\n{run.stderr}")
     return seconds, run.stdout
-
-
-def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    flags = next((line for line in text.splitlines() if line.startswith("flags")), "")
-    wanted = ("avx2", "avx512f", "avx512_vnni", "amx_tile")
-    return ", ".join(flag for flag in wanted if f" {flag}" in flags) or "none of avx2/avx512"
 
 
 def main() -> None:
@@ -79,7 +71,7 @@ def main() -> None:
         f"--repeat {args.repeat}`",
         "",
         f"Spec: `{os.path.relpath(args.spec, ROOT)}`; build folder {size / 1e6:.1f} MB. "
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, CPU flags: {cpu_flags()}.",
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, CPU flags: {flag_summary()}.",
         "",
         "| run | median wall s | ratio to cold |",
         "|---|---|---|",

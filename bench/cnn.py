@@ -19,10 +19,8 @@ import argparse
 import io
 import json
 import platform
-import statistics
 import subprocess
 import sys
-import time
 import warnings
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -30,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from ort_runs import flag_summary, latency, session
 
 ROOT = Path(__file__).parents[1]
 EXAMPLE = ROOT / "examples" / "efficientnet_lite0"
@@ -114,12 +113,6 @@ def ort_static(fp32: Path, calibration: np.ndarray) -> dict[str, Path]:
     return built
 
 
-def session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def logits(sess: ort.InferenceSession, images: np.ndarray) -> np.ndarray:
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: b})[0] for b in np.split(images, 24)])
@@ -129,24 +122,6 @@ def kl_divergence(reference: np.ndarray, other: np.ndarray) -> float:
     """Mean over images of KL(softmax(reference) || softmax(other)), in nats."""
     p, q = (torch.log_softmax(torch.from_numpy(x).double(), 1) for x in (reference, other))
     return float((p.exp() * (p - q)).sum(1).mean())
-
-
-def latency(sess: ort.InferenceSession, images: np.ndarray, runs: int) -> float:
-    feed = {sess.get_inputs()[0].name: images}
-    sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def cpu_flags() -> str:
-    flags = Path("/proc/cpuinfo").read_text().split("flags")[1].split("\n")[0].split()
-    return " ".join(
-        f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags
-    )
 
 
 def main() -> None:
@@ -169,7 +144,9 @@ def main() -> None:
         sess = session(path)
         out = logits(sess, holdout)
         agreement = float((out.argmax(1) == reference_np.argmax(1)).mean())
-        lat1, lat8 = latency(sess, holdout[:1], args.runs), latency(sess, holdout[:8], args.runs)
+        name = sess.get_inputs()[0].name
+        lat1 = latency(sess, {name: holdout[:1]}, args.runs)
+        lat8 = latency(sess, {name: holdout[:8]}, args.runs)
         base = base or {"1": lat1, "8": lat8, "bytes": path.stat().st_size}
         size = path.stat().st_size
         results[label] = {
@@ -186,7 +163,7 @@ def main() -> None:
             f"| {lat8:.2f} ({lat8 / base['8']:.2f}x) |"
         )
         print(lines[-1], flush=True)
-    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, flags: {cpu_flags()}"
+    machine = f"{platform.machine()}, {torch.get_num_threads()} threads, flags: {flag_summary()}"
     report = "\n".join(
         [
             "# EfficientNet-Lite0: qspec against ONNX Runtime's static quantizer",

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import argparse
 import io
-import statistics
 import sys
-import time
 import warnings
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import torch
+from ort_runs import latency, session
 
 import qspec
 
@@ -68,12 +67,6 @@ def ort_quantizers(fp32: Path) -> dict[str, Path]:
     }
 
 
-def session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def held_out() -> list[dict[str, np.ndarray]]:
     texts = sentences()[-HELD_OUT:]
     return [
@@ -98,16 +91,6 @@ def cosines(run, reference: list[np.ndarray], batches) -> np.ndarray:
             (out * ref).sum(1) / np.linalg.norm(out, axis=1) / np.linalg.norm(ref, axis=1)
         )
     return np.concatenate(values)
-
-
-def latency(sess: ort.InferenceSession, inputs: dict[str, np.ndarray], runs: int) -> float:
-    sess.run(None, inputs)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        sess.run(None, inputs)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from typing import Any, TypeGuard
 
 from qspec.compiler.cache import SOURCE_FOLDERS, cache_dir, package_version, source_digest
 from qspec.compiler.folder import FORMAT_VERSION, MANIFEST, sha256_file
+from qspec.compiler.host import cpu_flags
 from qspec.dsl import ir
 
 ENTRY_VERSION = 1
@@ -56,14 +57,7 @@ def tool_versions() -> dict[str, str]:
 def host_features() -> dict[str, str]:
     """What makes generated code differ between machines: the architecture and CPU flags
     (TVM's llvm target compiles for the host's vector extensions)."""
-    flags = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                flags = " ".join(sorted(line.partition(":")[2].split()))
-                break
-    except OSError:
-        pass
+    flags = " ".join(sorted(cpu_flags()))
     return {"machine": platform.machine(), "cpu_flags": hashlib.sha256(flags.encode()).hexdigest()}
 
 

@@ -17,8 +17,8 @@ from projects import write_project
 from torch import nn
 from torch.nn import functional as F
 
-from qspec.backends.onnx import modules
 from qspec.cli import main
+from qspec.compiler import host
 from qspec.compiler.attention import SplitAttention, split_attention
 from qspec.compiler.errors import UserError
 from qspec.compiler.plain import plain_layers
@@ -166,10 +166,10 @@ def test_w8a8_keeps_the_graph_integer_from_convolution_to_convolution(tmp_path: 
     # signed weights (the fast u8 x s8 kernels) only from a build machine with VNNI, and an
     # artifact that has them refuses to load on a CPU without
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["targets"][0]["needs_vnni"] == modules.has_vnni()
+    assert manifest["targets"][0]["needs_vnni"] == host.has_vnni()
     if manifest["targets"][0]["needs_vnni"]:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(modules, "has_vnni", lambda: False)
+            patch.setattr(host, "has_vnni", lambda: False)
             with pytest.raises(UserError, match="VNNI"):
                 load(out)
 

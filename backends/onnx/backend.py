@@ -10,6 +10,7 @@ from torch import nn
 
 from qspec.backends.onnx import export, latency, modules
 from qspec.backends.onnx.runtime import OnnxRunner
+from qspec.compiler import host
 from qspec.compiler.capture import Graph, Layer
 from qspec.compiler.errors import UserError
 from qspec.compiler.qmodel import CompressedLayer, QModel
@@ -34,7 +35,7 @@ class OnnxBackend:
         return export.stored_bytes(compressed, original)
 
     def open(self, folder: Path, entry: dict, inputs: list[str], threads: int = 0) -> OnnxRunner:
-        if entry.get("needs_vnni") and not modules.has_vnni():
+        if entry.get("needs_vnni") and not host.has_vnni():
             raise UserError(
                 f"{folder / entry['file']} has signed int8 convolution weights, built for CPUs "
                 "with VNNI (avx512_vnni or avx_vnni); ONNX Runtime's u8 x s8 kernels saturate "

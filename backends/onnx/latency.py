@@ -15,7 +15,6 @@ import functools
 import hashlib
 import json
 import os
-import platform
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from qspec.backends.onnx.export import emit
 from qspec.backends.onnx.runtime import OnnxRunner
 from qspec.compiler.cache import add_entries, cache_dir, read_entries
 from qspec.compiler.capture import Graph, Layer
+from qspec.compiler.host import cpu_name
 from qspec.compiler.qmodel import CompressedLayer
 from qspec.compiler.timing import median_seconds
 
@@ -91,7 +91,7 @@ def session_latency(path: Path, batch: dict[str, torch.Tensor], *, threads: int 
 
 def _cached(parts: list, threads: int, measure: Callable[[], float]) -> float:
     """The cached value for parts plus this machine's runtime, else measure and store it."""
-    machine = [threads, onnxruntime.__version__, _cpu(), os.cpu_count(), _lowering()]
+    machine = [threads, onnxruntime.__version__, cpu_name(), os.cpu_count(), _lowering()]
     entry = json.dumps([*parts, *machine])
     path = cache_path()
     value = read_entries(path).get(entry)
@@ -114,14 +114,3 @@ def _lowering() -> str:
     for module in (modules, ops):
         digest.update(Path(module.__file__ or "").read_bytes())
     return digest.hexdigest()[:16]
-
-
-@functools.cache
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

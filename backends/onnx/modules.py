@@ -42,7 +42,7 @@ Integer kernels get uint8 weights, symmetric int8 as its offset-binary codes wit
 products in saturating int16 (vpmaddubsw), and full-range int8 weights come out wrong (measured:
 DynamicQuantizeMatMul off by 2.8 where the quantization error is 0.05, QLinearConv by up to 136
 output steps); its u8u8 kernels are exact. The exception: static convolutions built on a machine
-with VNNI keep signed weights (`signed_int8_kernels`), for u8s8 QLinearConv, about twice as fast
+with VNNI keep signed weights, for u8s8 QLinearConv, about twice as fast
 (measured on EfficientNet-Lite0), and the artifact records that it needs VNNI.
 
 Activations are quantized to uint8 too, int8 ones with zero point z + 128 (the same grid):
@@ -51,9 +51,6 @@ QuantizeLinear's sole reader, so layers sharing an input (attention's q, k, v) s
 """
 
 from __future__ import annotations
-
-import functools
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -66,6 +63,7 @@ from qspec.backends.lowering import sparse_float, with_lowrank
 from qspec.backends.onnx import ops  # noqa: F401  (registers the custom operators)
 from qspec.compiler.capture import Layer
 from qspec.compiler.errors import UserError
+from qspec.compiler.host import has_vnni
 from qspec.compiler.numerics import Quantized, code_values, pack, quantize
 from qspec.compiler.qmodel import FACTOR_SPEC, CompressedLayer
 
@@ -75,31 +73,6 @@ FLOAT8 = {
     "fp8_e5m2": (torch.float8_e5m2, "FLOAT8E5M2"),
 }
 ACTIVATION_OFFSET = {"int8": 128, "uint8": 0}  # zero point shift to uint8, see the docstring
-
-
-VNNI = ("avx512_vnni", "avx_vnni")
-
-
-@functools.cache
-def signed_int8_kernels() -> bool:
-    """Whether static int8 convolutions store signed weights (u8 activations x s8 weights, the
-    fast QLinearConv kernels; ONNX Runtime's Gemm fusions want u8 weights): only when the build
-    machine has VNNI, whose u8s8 dot products are exact (see the module docstring for what
-    happens without it). The manifest records the choice
-    (`integer_weights`) and `qspec run` refuses a signed artifact on a CPU without VNNI."""
-    return has_vnni()
-
-
-def has_vnni() -> bool:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    flags = next(
-        (line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")),
-        [],
-    )
-    return any(flag in flags for flag in VNNI)
 
 
 def lower(compressed: CompressedLayer, original: nn.Module) -> tuple[nn.Module, str]:
@@ -366,7 +339,9 @@ class QDQLayer(nn.Module):
     def __init__(self, compressed: CompressedLayer, original: nn.Module):
         super().__init__()
         static = compressed.activation is not None
-        signed = compressed.layer.kind.startswith("conv") and signed_int8_kernels()
+        # u8 x s8 QLinearConv (twice as fast) only where it is exact: a build machine with VNNI;
+        # the artifact then says so (needs_vnni). ONNX Runtime's Gemm fusions want u8 weights.
+        signed = compressed.layer.kind.startswith("conv") and has_vnni()
         weight = DequantizedWeight(compressed, unsigned=static and not signed)
         weight.register(self)
         self.narrow, self.element = weight.narrow, weight.element
