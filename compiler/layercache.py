@@ -144,10 +144,15 @@ def module_digest(module: torch.nn.Module) -> str:
 
 
 def cost_model(costs: object) -> str:
-    """A cost model's part of a key: its type, the code of qspec's backends and the versions of
+    """A cost model's part of a key: its type and `backend_environment()`."""
+    return digest(type(costs).__qualname__, backend_environment())
+
+
+@cache
+def backend_environment() -> str:
+    """What makes a backend's entries stale: the code of qspec's backends and the versions of
     the libraries they emit with."""
-    versions = [package_version(name) for name in BACKEND_LIBRARIES]
-    return digest(type(costs).__qualname__, source_digest("backends"), versions)
+    return digest(source_digest("backends"), [package_version(n) for n in BACKEND_LIBRARIES])
 
 
 @cache
@@ -223,6 +228,9 @@ def _plain(value: object) -> object:
         return str(value)
     if isinstance(value, type):
         return f"{value.__module__}.{value.__qualname__}"
+    if dataclasses.is_dataclass(value):  # such as the Layer a lowered module keeps
+        fields = {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return [type(value).__qualname__, fields]
     if isinstance(value, list | tuple):
         return [_plain(item) for item in value]
     if isinstance(value, dict):

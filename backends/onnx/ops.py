@@ -350,7 +350,31 @@ def gather_block_quantized_onnx(data, indices, scales, zero_points, block: int):
     )
 
 
+# ---- layer slots (emitting by pieces, see pieces.py) -------------------------------------------
+
+SLOT_DOMAIN = schemas.SLOT_DOMAIN
+SLOT = Opset(SLOT_DOMAIN, 1)
+# layer -> its output for an input, on the fake tensors of an export (set by pieces.slots_for)
+slot_outputs: dict[str, Callable[[Tensor], Tensor]] = {}
+
+
+@torch.library.custom_op("qspec::layer_slot", mutates_args=())
+def layer_slot(x: Tensor, layer: str) -> Tensor:
+    """Where a compressed layer's piece will go: exported, never run."""
+    raise RuntimeError(f"the slot of {layer} is exported, never run")
+
+
+@layer_slot.register_fake
+def _(x, layer):
+    return slot_outputs[layer](x)
+
+
+def layer_slot_onnx(x, layer: str):
+    return SLOT.Layer(x, layer=layer)
+
+
 TABLE: dict[Callable[..., Any], Callable[..., Any]] = {
+    torch.ops.qspec.layer_slot.default: layer_slot_onnx,
     torch.ops.qspec.matmul_nbits.default: matmul_nbits_onnx,
     torch.ops.qspec.decode_weight.default: decode_weight_onnx,
     torch.ops.qspec.dequantize.default: dequantize_onnx,

@@ -12,6 +12,7 @@ from onnx import defs, helper
 from onnx.defs import OpSchema
 
 DOMAIN = "com.microsoft"
+SLOT_DOMAIN = "qspec.slot"  # where a compressed layer goes until spliced (never in an artifact)
 _IN = OpSchema.FormalParameter
 _OPTIONAL = OpSchema.FormalParameterOption.Optional
 _INT = OpSchema.AttrType.INT
@@ -98,6 +99,18 @@ SCHEMAS = (
         type_constraints=[
             ("T1", ["tensor(float)"], ""),
             ("T2", ["tensor(int8)", "tensor(uint8)"], ""),
+        ],
+    ),
+    OpSchema(
+        "Layer",
+        SLOT_DOMAIN,
+        1,
+        inputs=[_IN("X", "T1")],
+        outputs=[_IN("Y", "T2")],
+        attributes=[OpSchema.Attribute("layer", OpSchema.AttrType.STRING, "")],
+        type_constraints=[
+            ("T1", [*_FLOATS, "tensor(int64)", "tensor(int32)"], ""),
+            ("T2", _FLOATS, ""),
         ],
     ),
 )
