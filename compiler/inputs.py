@@ -132,7 +132,7 @@ class Recording:
     def changed(self, inputs: Iterable[Path]) -> list[Path]:
         """The inputs that changed since the build read them (or, for those it did not see
         being read, since it began): a build of such inputs belongs to no version of them."""
-        states = {path.resolve(): state for path, state in self.opened.items()}
+        states = {p.resolve(): state for p, state in self.opened.items() if not _is_code(p)}
         found = []
         for path in inputs:
             now = file_state(path)
@@ -190,6 +190,8 @@ def build_inputs(read: Iterable[Path], named: Iterable[Path]) -> list[Path]:
     package metadata."""
     files: set[Path] = set()
     for path in read:
+        if _is_code(path):  # before resolving: imports open thousands of them
+            continue
         resolved = path.resolve()
         if not resolved.is_file() or resolved.is_relative_to(Path(sys.base_prefix).resolve()):
             continue
@@ -206,6 +208,10 @@ def build_inputs(read: Iterable[Path], named: Iterable[Path]) -> list[Path]:
         resolved = path.resolve()
         files |= _folder_files(resolved) if resolved.is_dir() else {resolved}
     return sorted(files)
+
+
+def _is_code(path: Path) -> bool:
+    return path.suffix in CODE_SUFFIXES
 
 
 def _is_model_folder(folder: Path) -> bool:
