@@ -136,11 +136,21 @@ def module_digest(module: torch.nn.Module) -> str:
     """A module by content: every submodule's type and plain attributes (numbers, strings,
     dtypes, containers of them; other attributes count by type only), and every parameter and
     buffer."""
-    parts = [
+    return digest(_modules(module), module.state_dict())
+
+
+def module_structure(module: torch.nn.Module) -> str:
+    """`module_digest` with parameters and buffers by dtype and shape alone: modules that a
+    tracer (which sees tensors as shapes) cannot tell apart."""
+    tensors = {name: (str(t.dtype), tuple(t.shape)) for name, t in module.state_dict().items()}
+    return digest(_modules(module), tensors)
+
+
+def _modules(module: torch.nn.Module) -> list:
+    return [
         (name, type(sub).__module__, type(sub).__qualname__, _plain(vars(sub)))
         for name, sub in module.named_modules()
     ]
-    return digest(parts, module.state_dict())
 
 
 def cost_model(costs: object) -> str:

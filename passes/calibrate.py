@@ -37,10 +37,24 @@ def input_rows(layer: Layer, module: torch.nn.Module, inputs: torch.Tensor) -> t
     """The layer's input as rows of its weight matrix's reduction dimension (Conv: unfolded
     patches with input channels innermost), or None when rows do not share one input (grouped
     Conv, Embedding)."""
-    if layer.kind in ("linear", "hf_conv1d"):
-        return inputs.reshape(-1, inputs.shape[-1])
     if layer.kind == "embedding" or layer.groups != 1:
         return None
+    return _patches(layer, module, inputs)
+
+
+def group_rows(layer: Layer, module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    """A grouped Conv's input as [rows, groups, cols]: group g's patches are what the output
+    channels of group g reduce over (a depthwise conv: one channel's kernel window)."""
+    patches = _patches(layer, module, inputs)  # [rows, positions x channels], channels inner
+    per_group = layer.weight_shape[1]  # input channels of one group
+    positions = layer.cols // per_group  # kernel positions
+    grouped = patches.reshape(-1, positions, layer.groups, per_group)
+    return grouped.permute(0, 2, 1, 3).reshape(-1, layer.groups, layer.cols)
+
+
+def _patches(layer: Layer, module: torch.nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+    if layer.kind in ("linear", "hf_conv1d"):
+        return inputs.reshape(-1, inputs.shape[-1])
     assert isinstance(module, nn.Conv1d | nn.Conv2d)
     if layer.kind == "conv1d":
         inputs = inputs.unsqueeze(-2)
@@ -223,7 +237,7 @@ def _stats(entry: Entry, layer: Layer, xtx: bool, histograms: bool) -> LayerStat
         raise ValueError("measured without XᵀX")
     if histograms and not all(name in arrays for name in HISTOGRAMS):
         raise ValueError("measured without histograms")
-    shapes = {"input_sum": (layer.cols,), "xtx": (layer.cols, layer.cols)}
+    shapes = {"input_sum": sum_shape(layer), "xtx": (layer.cols, layer.cols)}
     shapes |= dict.fromkeys(HISTOGRAMS, (BINS,))
     for name, shape in shapes.items():
         if name in arrays and (arrays[name].shape, arrays[name].dtype) != (shape, np.float64):
@@ -245,6 +259,11 @@ def _stats(entry: Entry, layer: Layer, xtx: bool, histograms: bool) -> LayerStat
     )
 
 
+def sum_shape(layer: Layer) -> tuple[int, ...]:
+    """The shape of a layer's input sum: per group for a grouped Conv."""
+    return (layer.cols,) if layer.groups == 1 else (layer.groups, layer.cols)
+
+
 def _accumulate(
     stats: LayerStats, layer: Layer, module, x, output, second_moment: bool, histograms: bool
 ) -> None:
@@ -261,9 +280,14 @@ def _accumulate(
     if histograms:
         stats.input_histogram = stats.input_histogram or Histogram()
         stats.input_histogram.add(x)
-    rows = input_rows(layer, module, x)
-    if rows is None:
+    if layer.groups != 1:  # the input mean per group (bias correction); no shared XᵀX
+        grouped = group_rows(layer, module, x).double()
+        total = grouped.sum(0).numpy()
+        stats.input_sum = total if stats.input_sum is None else stats.input_sum + total
+        stats.samples += grouped.shape[0]
         return
+    rows = input_rows(layer, module, x)
+    assert rows is not None
     rows64 = rows.double()
     total = rows64.sum(0).numpy()
     stats.input_sum = total if stats.input_sum is None else stats.input_sum + total

@@ -40,7 +40,7 @@ def run(state: State) -> State:
         if plan.bias_correction and compressed.weight is not None:
             stats = state.stats[name]
             if stats.input_sum is None:
-                compressed.notes.append("bias correction skipped: no shared input (grouped conv)")
+                compressed.notes.append("bias correction skipped: no input mean (an embedding)")
                 continue
             shift = bias_correction(target, compressed.effective_weight(), stats.mean_input)
             base = compressed.bias if compressed.bias is not None else np.zeros(len(shift))

@@ -260,11 +260,15 @@ def bias_correction(W: np.ndarray, W_compressed: np.ndarray, mean_input: np.ndar
     """The bias shift `(W - W_compressed) @ E[x]` `[rows]` to add to the layer's bias.
 
     With it `E[x W_c^T + b + shift] = E[x W^T + b]` (Nagel et al. 2019, data-driven). `mean_input`
-    is `E[x]` `[cols]` over calibration samples; if a low-rank branch is present, pass
-    `W_compressed + B A` (the effective stored weight).
+    is `E[x]` over calibration samples, `[cols]`, or `[groups, cols]` for a grouped Conv (the
+    rows of group g read its input); if a low-rank branch is present, pass `W_compressed + B A`
+    (the effective stored weight).
     """
     d = _matrix(W, "W") - _matrix(W_compressed, "W_compressed")
-    mu = np.asarray(mean_input, dtype=np.float64).reshape(-1)
-    if mu.shape != (d.shape[1],):
-        raise ValueError(f"mean_input must have {d.shape[1]} values, not {mu.size}")
-    return (d @ mu).astype(_out_dtype(W))
+    mu = np.asarray(mean_input, dtype=np.float64)
+    mu = mu.reshape(1, -1) if mu.ndim == 1 else mu
+    groups = mu.shape[0]
+    if mu.shape[1] != d.shape[1] or d.shape[0] % groups:
+        raise ValueError(f"mean_input {mu.shape} does not fit a [{d.shape[0]}, {d.shape[1]}] W")
+    per_row = np.repeat(mu, d.shape[0] // groups, axis=0)
+    return np.einsum("rc,rc->r", d, per_row).astype(_out_dtype(W))

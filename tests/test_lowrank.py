@@ -17,9 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from oracles import weighted_error
 
+from qspec.compiler.capture import Layer, float_matrix, unmatrix
 from qspec.compiler.numerics import nbytes
 from qspec.compiler.qmodel import FACTOR_SPEC, factor_bytes
 from qspec.passes import lowrank
+from qspec.passes.calibrate import group_rows
 from qspec.passes.lowrank import (
     bias_correction,
     eora_correction,
@@ -345,3 +347,23 @@ def test_bias_correction_restores_the_mean_output(case):
     np.testing.assert_allclose(corrected, float_mean, atol=1e-9 * (1 + np.abs(float_mean).max()))
     uncorrected = (x @ wc.T + bias).mean(axis=0)
     assert np.abs(uncorrected - float_mean).max() >= np.abs(corrected - float_mean).max()
+
+
+@pytest.mark.parametrize(("channels", "groups"), [(8, 4), (6, 6)])
+def test_bias_correction_of_a_grouped_conv_restores_each_channels_mean(channels, groups):
+    """Each output channel reads only its group's input: its shift uses that group's mean
+    patch (depthwise convolutions, one channel per group, are where this matters most)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(channels, 2 * channels, 3, padding=1, groups=groups)
+    layer = Layer("c", "conv2d", tuple(conv.weight.shape), conv.weight.numel(), 0, groups)
+    x = torch.relu(torch.randn(5, channels, 7, 6)) + 0.5  # a nonzero mean, as after a ReLU
+    mean = group_rows(layer, conv, x).double().mean(0).numpy()
+    w = float_matrix(layer, conv).astype(np.float64)
+    compressed = np.round(w * 4) / 4
+    shift = bias_correction(w, compressed, mean)
+    corrected = torch.nn.Conv2d(channels, 2 * channels, 3, padding=1, groups=groups)
+    with torch.no_grad():
+        corrected.weight.copy_(unmatrix(layer, torch.from_numpy(compressed).float()))
+        corrected.bias.copy_(conv.bias + torch.from_numpy(shift).float())
+        expected, got = conv(x).mean((0, 2, 3)), corrected(x).mean((0, 2, 3))
+    np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=1e-5)

@@ -14,7 +14,7 @@ import torch
 from qspec.backends.lowering import lowered_module
 from qspec.backends.onnx.integer import keep_integer
 from qspec.backends.onnx.modules import lower
-from qspec.backends.onnx.pieces import export_by_pieces, narrow_of, share_across_layers
+from qspec.backends.onnx.pieces import export_by_pieces, narrow_of, optimize
 from qspec.compiler.capture import Graph
 from qspec.compiler.errors import CompileFailure
 from qspec.compiler.folder import sha256_file
@@ -61,8 +61,8 @@ def emit(graph: Graph, qmodel: QModel, target: ir.Target | None, path: Path) -> 
     module, emitted = lowered_module(graph.module, qmodel, lower)
     exported = export_by_pieces(graph, qmodel, module, opset_of(target))
     spliced = onnx_ir.from_proto(exported.model)
-    share_across_layers(spliced)
-    keep_integer(spliced.graph)
+    optimize(spliced, qmodel)  # across the seams: what no piece could fold or share alone
+    keep_integer(spliced)
     model = onnx_ir.to_proto(spliced)
     model.ir_version = IR_VERSION
     model.producer_name, model.producer_version = "qspec", ""

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import numpy as np
 import onnx_ir
+import onnx_ir.passes.common as common_passes
 
 
-def keep_integer(graph: onnx_ir.Graph) -> None:
+def keep_integer(model: onnx_ir.Model) -> None:
+    graph = model.graph
     _drop_covered_clamps(graph)
     _fold_zero_pads(graph)
     _share_quantized(graph)
+    # what computed a dropped clamp's bounds: a reader of a DequantizeLinear output left
+    # behind would keep ONNX Runtime from fusing it
+    common_passes.RemoveUnusedNodesPass()(model)
     _drop_unused_initializers(graph)
 
 

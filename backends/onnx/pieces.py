@@ -44,7 +44,9 @@ from qspec.compiler.layercache import (
     Entry,
     LayerCache,
     backend_environment,
+    digest,
     module_digest,
+    module_structure,
     open_module_cache,
 )
 from qspec.compiler.qmodel import QModel
@@ -80,8 +82,7 @@ def export_by_pieces(graph: Graph, qmodel: QModel, lowered: nn.Module, opset: in
     pieces = {name: _load(cache, "onnx piece", keys[name], ("provided", "own")) for name in modules}
     missing = [name for name, piece in pieces.items() if piece is None]
     if missing:
-        examples = _layer_inputs(graph, missing)
-        fresh = _export_pieces({n: modules[n] for n in missing}, examples, slots, opset)
+        fresh = _export_by_structure({n: modules[n] for n in missing}, graph, slots, opset)
         for name, piece in fresh.items():
             _save(cache, "onnx piece", keys[name], piece)
             pieces[name] = piece
@@ -252,6 +253,31 @@ def _canonical(graph: onnx.GraphProto, prefix: str, state: Iterable[str]) -> Non
     for value in (*graph.input, *graph.output):
         value.name = names[value.name]
         value.type.tensor_type.ClearField("shape")
+
+
+def _export_by_structure(
+    modules: dict[str, nn.Module], graph: Graph, slots: dict[str, dict], opset: int
+) -> dict[str, Entry]:
+    """The pieces of `modules`, exported once per structure: a layer whose lowered module an
+    exporter cannot tell from another's (the same types and settings, tensors of the same
+    shapes, the same input) takes that one's graph, provided every tensor in it comes from the
+    module (else it is exported too). Six transformer blocks have about four structures."""
+    groups: dict[str, list[str]] = {}
+    for name, module in modules.items():
+        groups.setdefault(digest(module_structure(module), slots[name]), []).append(name)
+    examples = _layer_inputs(graph, list(modules))
+    entries = _export_pieces({g[0]: modules[g[0]] for g in groups.values()}, examples, slots, opset)
+    alone = []
+    for first, *others in groups.values():
+        shared = entries[first].meta["provided"] == entries[first].meta["own"]
+        for name in others:
+            if shared:
+                entries[name] = entries[first]
+            else:
+                alone.append(name)
+    if alone:
+        entries |= _export_pieces({n: modules[n] for n in alone}, examples, slots, opset)
+    return entries
 
 
 def _sized(example: torch.Tensor, dims: Dims) -> torch.Tensor:
@@ -479,10 +505,18 @@ def export(
     return program
 
 
-def optimize(model: onnx_ir.Model) -> None:
-    """The exporter's cleanup and constant folding (the float skeleton's)."""
+def optimize(model: onnx_ir.Model, layers: Iterable[str] = ()) -> None:
+    """The exporter's cleanup, constant folding and sharing (equal initializers stored once,
+    equal subexpressions computed once), except on nodes that read the tensors of `layers`:
+    folding those would store a decoded float weight in the file."""
+    prefixes = tuple(f"{name}." for name in layers)
+
+    def should_fold(node: onnx_ir.Node) -> bool | None:
+        layer_tensors = (v for v in node.inputs if v is not None and v.is_initializer())
+        return False if any((v.name or "").startswith(prefixes) for v in layer_tensors) else None
+
     with _quiet():
-        onnxscript.optimizer.optimize_ir(model)
+        onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
 
 
 def _optimize_locally(model: onnx_ir.Model) -> None:
@@ -499,14 +533,6 @@ def _optimize_locally(model: onnx_ir.Model) -> None:
         onnxscript.rewriter.rewrite(model)
         common_passes.RemoveUnusedNodesPass()(model)
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-
-
-def share_across_layers(model: onnx_ir.Model) -> None:
-    """What `optimize` shares across the spliced graph: equal initializers stored once, equal
-    subexpressions computed once (three projections reshaping one input)."""
-    common_passes.DeduplicateInitializersPass()(model)
-    common_passes.CommonSubexpressionEliminationPass()(model)
-    common_passes.RemoveUnusedNodesPass()(model)
 
 
 def _narrow(model: onnx_ir.Model, types: dict[str, np.dtype]) -> None:
