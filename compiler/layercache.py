@@ -146,7 +146,7 @@ def module_structure(module: torch.nn.Module) -> str:
     return digest(_modules(module), tensors)
 
 
-def _modules(module: torch.nn.Module) -> list:
+def _modules(module: torch.nn.Module) -> list[tuple[str, str, str, object]]:
     return [
         (name, type(sub).__module__, type(sub).__qualname__, _plain(vars(sub)))
         for name, sub in module.named_modules()

@@ -21,6 +21,7 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
+from typing import Any, cast
 
 import ml_dtypes
 import numpy as np
@@ -154,7 +155,7 @@ def _output_like(layer: Layer, original: nn.Module) -> Callable[[torch.Tensor], 
     if layer.kind == "embedding":
         return lambda x: x.new_empty((*x.shape, weight.shape[1]), dtype=weight.dtype)
     if layer.kind.startswith("conv"):
-        conv = original._conv_forward  # type: ignore[operator]
+        conv = cast(Callable[..., torch.Tensor], original._conv_forward)
         return lambda x: conv(x, x.new_empty(weight.shape), None)
     return lambda x: F.linear(x, x.new_empty((layer.rows, layer.cols)))
 
@@ -197,7 +198,7 @@ def _export_pieces(
     output_names = [f"y{i}" for i in range(len(names))]
     # Axes of equal length get one symbol by default, and a piece would read its sizes off
     # another piece's input.
-    with fx_config.patch(use_duck_shape=False):
+    with fx_config.patch(use_duck_shape=False):  # type: ignore[attr-defined]
         program = export(bank, (inputs,), {}, (dynamic,), opset, output_names)
     narrow = {
         f"layers.{i}.{buffer}": dtype
@@ -282,8 +283,9 @@ def _sized(example: torch.Tensor, dims: Dims) -> torch.Tensor:
     sizes = [max(2, s) if d is None else s for s, d in zip(example.shape, dims, strict=True)]
     if sizes == list(example.shape):
         return example.clone()
-    like = {"dtype": example.dtype}
-    return torch.randn(sizes, **like) if example.is_floating_point() else torch.zeros(sizes, **like)
+    if example.is_floating_point():
+        return torch.randn(sizes, dtype=example.dtype)
+    return torch.zeros(sizes, dtype=example.dtype)
 
 
 def _layer_inputs(graph: Graph, names: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -412,11 +414,11 @@ def _tensors(
     module: nn.Module, narrow: Mapping[str, np.dtype]
 ) -> dict[str, Callable[[], onnx.TensorProto]]:
     """Name -> how to build the TensorProto of each of a module's tensors."""
-    state = module.state_dict(keep_vars=False)
-    return {
-        name: (lambda name=name, value=value: _tensor(name, value, narrow.get(name)))
-        for name, value in state.items()
-    }
+
+    def builder(name: str, value: torch.Tensor) -> Callable[[], onnx.TensorProto]:
+        return lambda: _tensor(name, value, narrow.get(name))
+
+    return {name: builder(name, value) for name, value in module.state_dict().items()}
 
 
 def _tensor(name: str, value: torch.Tensor, narrow: np.dtype | None) -> onnx.TensorProto:
@@ -475,7 +477,7 @@ def export(
     module: nn.Module,
     args: tuple,
     kwargs: dict[str, torch.Tensor],
-    dynamic: object,
+    dynamic: dict[str, Any] | tuple[Any, ...],
     opset: int,
     output_names: list[str],
 ):
