@@ -80,18 +80,16 @@ def export_by_pieces(graph: Graph, qmodel: QModel, lowered: nn.Module, opset: in
         name: _key(cache, "onnx piece", opset, module_digest(module), slots[name])
         for name, module in modules.items()
     }
-    pieces = {name: _load(cache, "onnx piece", keys[name], ("provided", "own")) for name in modules}
-    missing = [name for name, piece in pieces.items() if piece is None]
-    if missing:
-        fresh = _export_by_structure({n: modules[n] for n in missing}, graph, slots, opset)
-        for name, piece in fresh.items():
-            _save(cache, "onnx piece", keys[name], piece)
-            pieces[name] = piece
-    found = {name: piece for name, piece in pieces.items() if piece is not None}
-    model = _splice(_model(skeleton), found)
+    cached = {name: _load(cache, "onnx piece", keys[name], ("provided", "own")) for name in modules}
+    missing = [name for name, piece in cached.items() if piece is None]
+    fresh = _export_by_structure({n: modules[n] for n in missing}, graph, slots, opset)
+    for name, piece in fresh.items():
+        _save(cache, "onnx piece", keys[name], piece)
+    pieces = {name: cached[name] or fresh[name] for name in modules}
+    model = _splice(_model(skeleton), pieces)
     _attach(model.graph, "", skeleton.meta["provided"], _tensors(graph.module, {}))
     for name, module in modules.items():
-        provided = found[name].meta["provided"]
+        provided = pieces[name].meta["provided"]
         _attach(model.graph, f"{name}.", provided, _tensors(module, narrow_of(module)))
     # one order whichever were cached: kept in an entry or built from the module
     model.graph.initializer.sort(key=lambda tensor: tensor.name)
@@ -144,7 +142,7 @@ def _export_skeleton(graph: Graph, qmodel: QModel, opset: int) -> Entry:
                 "dtype": node.inputs[0].dtype.value,
             }
     model = program.model_proto
-    provided = _detach(model.graph, "", _tensors(graph.module, {}))
+    provided = _detach(model.graph, _tensors(graph.module, {}))
     return Entry({"slots": slots, "provided": provided}, {"model": _bytes(model)})
 
 
@@ -219,7 +217,7 @@ def _export_pieces(
         state = _tensors(module, narrow_of(module))
         _canonical(graph, f"layers.{i}.", state.keys())
         own = sorted({tensor.name for tensor in graph.initializer} & state.keys())
-        provided = _detach(graph, "", state)
+        provided = _detach(graph, state)
         piece = onnx.helper.make_model(graph, opset_imports=model.opset_import)
         piece.functions.extend(model.functions)
         entries[name] = Entry({"provided": provided, "own": own}, {"model": _bytes(piece)})
@@ -258,6 +256,8 @@ def _export_by_structure(
     exporter cannot tell from another's (the same types and settings, tensors of the same
     shapes, the same input) takes that one's graph, provided every tensor in it comes from the
     module (else it is exported too). MiniLM's 36 layers have four structures."""
+    if not modules:  # every piece was cached: no model run, no export
+        return {}
     groups: dict[str, list[str]] = {}
     for name, module in modules.items():
         groups.setdefault(digest(module_structure(module), slots[name]), []).append(name)
@@ -431,15 +431,14 @@ def _tensor(name: str, value: torch.Tensor, narrow: np.dtype | None) -> onnx.Ten
     return onnx.numpy_helper.from_array(array.astype(narrow) if narrow else array, name)
 
 
-def _detach(graph: onnx.GraphProto, prefix: str, tensors: Tensors) -> list[str]:
-    """Leave out of `graph` each initializer `prefix + name` that `tensors[name]` builds with
-    the same type, shape and bytes; the names left out."""
+def _detach(graph: onnx.GraphProto, tensors: Tensors) -> list[str]:
+    """Leave out of `graph` each initializer that `tensors[its name]` builds with the same
+    type, shape and bytes; the names left out."""
     kept, provided = [], []
     for tensor in graph.initializer:
-        name = tensor.name.removeprefix(prefix)
-        build = tensors.get(name) if tensor.name.startswith(prefix) else None
+        build = tensors.get(tensor.name)
         if build is not None and _same(build(), tensor):
-            provided.append(name)
+            provided.append(tensor.name)
         else:
             kept.append(tensor)
     del graph.initializer[:]
