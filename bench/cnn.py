@@ -132,11 +132,15 @@ def interleaved_latency(
     sessions: dict[str, ort.InferenceSession], images: np.ndarray, runs: int, rounds: int
 ) -> dict[str, tuple[float, float]]:
     """Milliseconds at batch 1 and 8 per artifact: the median of `rounds` medians of `runs`
-    runs, the artifacts taking turns in every round so that a slow spell of the machine does
-    not land on one of them."""
+    runs, the artifacts taking turns in every round so that a slow spell of the machine, or a
+    slow predecessor, does not land on one of them."""
     samples: dict[str, list[tuple[float, float]]] = {label: [] for label in sessions}
-    for _ in range(rounds):
-        for label, sess in sessions.items():
+    labels = list(sessions)
+    for turn in range(rounds):
+        # each round starts one further along: no artifact always follows the same one (right
+        # after the slow weight-only ones, batch 1 measured up to 25% slower)
+        for label in labels[turn % len(labels) :] + labels[: turn % len(labels)]:
+            sess = sessions[label]
             name = sess.get_inputs()[0].name
             time.sleep(SETTLE_S)
             one = latency(sess, {name: images[:1]}, runs)
@@ -191,9 +195,10 @@ def main() -> None:
         [
             "# EfficientNet-Lite0: qspec against ONNX Runtime's static quantizer",
             "",
-            f"Command: `.venv/bin/python bench/cnn.py --runs {args.runs} --rounds {args.rounds}`. Model: the pretrained "
-            "EfficientNet-Lite0 of examples/efficientnet_lite0 (49 BatchNorms, ReLU6, depthwise "
-            f"convolutions). Calibration: {CALIBRATION} crops of {len(CALIBRATION_PHOTOS)} "
+            f"Command: `.venv/bin/python bench/cnn.py --runs {args.runs} --rounds {args.rounds}`. "
+            "Model: the pretrained EfficientNet-Lite0 of examples/efficientnet_lite0 "
+            "(49 BatchNorms, ReLU6, depthwise convolutions). "
+            f"Calibration: {CALIBRATION} crops of {len(CALIBRATION_PHOTOS)} "
             f"scikit-image photographs; fidelity on {HOLDOUT} crops of {len(HOLDOUT_PHOTOS)} "
             "other photographs, against the float PyTorch model (top-1 agreement, mean KL "
             f"divergence in nats). Latency: ONNX Runtime {ort.__version__} CPU ({machine}), "
