@@ -6,7 +6,11 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install run test lint bench clean
 
-install: $(STAMP)
+# Text from six domains for the text examples (examples/data/README.md): exllamav2's
+# calibration data (MIT), unpacked from its PyPI wheel, which is never installed.
+TEXT_DATA := examples/data/standard_cal_data
+
+install: $(STAMP) $(TEXT_DATA)/wiki.utf8
 
 # torch first and pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml constraints.txt
@@ -25,6 +29,12 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt --no-deps --upgrade \
 		--target $(VENV)/torchvision-models torchvision
 	touch $(STAMP)
+
+$(TEXT_DATA)/wiki.utf8: | $(STAMP)
+	rm -rf build/exllamav2-wheel
+	$(PIP) download --no-deps --dest build/exllamav2-wheel exllamav2==0.3.2
+	$(PY) examples/data/unpack.py build/exllamav2-wheel/exllamav2-0.3.2-py3-none-any.whl \
+		$(TEXT_DATA)
 
 run: install
 	$(VENV)/bin/qspec check examples/*/*.qspec

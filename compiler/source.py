@@ -13,7 +13,7 @@ import itertools
 import os
 import sys
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ Batch = dict[str, torch.Tensor]
 BATCH_ROWS = 32  # rows per batch when slicing array files
 DEFAULT_SAMPLES = 128
 DEFAULT_HOLDOUT = 16
+DEFAULT_VERIFY = 128  # rows of a verify source
 MAX_BATCHES = 100_000  # a calibration entry may be an endless generator
 
 
@@ -55,6 +56,9 @@ class CalibrationData:
     holdout: list[Batch]
     holdout_labels: list[torch.Tensor] | None
     sha256: str
+    # (source, batches) in `holdout` order: each calibration source's held-out rows, then
+    # each verify source's
+    groups: tuple[tuple[str, int], ...] = ()
 
     @property
     def samples(self) -> int:
@@ -285,10 +289,14 @@ def _weights_digest(module: torch.nn.Module) -> str:
 
 
 def load_calibration(
-    calibration: ir.Calibration | None, model: LoadedModel, model_word: ir.Word | None
+    calibration: ir.Calibration | None,
+    model: LoadedModel,
+    model_word: ir.Word | None,
+    verify: Sequence[ir.Verify] = (),
 ) -> CalibrationData:
-    """Calibration batches (the first `samples` rows of the source) and held-out batches (its
-    last `holdout` rows), so verification never sees a calibration sample."""
+    """Calibration batches (the first rows of each source, `samples` in all) and held-out
+    batches (the last rows of each, `holdout` in all), so verification never sees a calibration
+    sample; then the rows of each `verify` source, which calibration never sees at all."""
     if calibration is None:
         where = model_word.span if model_word else None
         raise UserError(
@@ -299,16 +307,69 @@ def load_calibration(
     # whole numbers: the parser reads samples and holdout as ints
     samples = int(calibration.samples.value) if calibration.samples else DEFAULT_SAMPLES
     holdout = int(calibration.holdout.value) if calibration.holdout else DEFAULT_HOLDOUT
-    source = calibration.source
     if holdout < 1 or samples < 1:
         which = calibration.holdout if holdout < 1 else calibration.samples
         raise UserError(
             f"{'holdout' if holdout < 1 else 'samples'} {which.value if which else 0}: "
             "at least 1 is needed",
-            which.span if which else source.span,
+            which.span if which else calibration.span,
             help="verification runs the artifact on the held-out rows: hold out at least one "
             "(the default is 16)",
         )
+    weights = [float(s.weight.value) if s.weight else 1.0 for s in calibration.sources]
+    head: list[Batch] = []
+    held: list[HeldOut] = []
+    for source, rows, rows_held in zip(
+        calibration.sources, shares(samples, weights), shares(holdout, weights), strict=True
+    ):
+        calibrate, verified = _split(source.path, model, rows, rows_held)
+        head += calibrate
+        held.append(verified)
+    for extra in verify:
+        rows_held = int(extra.samples.value) if extra.samples else DEFAULT_VERIFY
+        held.append(_split(extra.source, model, 0, rows_held)[1])
+    batches = [batch for part in held for batch in part.batches]
+    labels = [label for part in held for label in part.labels or ()]
+    digest = hashlib.sha256()
+    for batch in head + batches:
+        for name in sorted(batch):
+            digest.update(name.encode())
+            digest.update(batch[name].contiguous().numpy().tobytes())
+    return CalibrationData(
+        head,
+        batches,
+        labels if all(part.labels for part in held) else None,
+        digest.hexdigest(),
+        tuple((part.source, len(part.batches)) for part in held),
+    )
+
+
+def shares(total: int, weights: Sequence[float]) -> list[int]:
+    """`total` rows split in proportion to `weights` by largest remainder, at least one each
+    (the spec checks that there are enough rows): the same split on every build."""
+    exact = [total * w / sum(weights) for w in weights]
+    counts = [max(1, int(x)) for x in exact]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (counts[i] - exact[i], i))
+    for i in itertools.islice(itertools.cycle(by_remainder), max(0, total - sum(counts))):
+        counts[i] += 1
+    while sum(counts) > total:  # the floor of one row overshot: take from the largest
+        counts[counts.index(max(counts))] -= 1
+    return counts
+
+
+@dataclass
+class HeldOut:
+    """One source's held-out batches and their labels, if it has them."""
+
+    source: str
+    batches: list[Batch]
+    labels: list[torch.Tensor] | None
+
+
+def _split(
+    source: ir.Word, model: LoadedModel, samples: int, holdout: int
+) -> tuple[list[Batch], HeldOut]:
+    """The first `samples` rows of a source and, held out, its last `holdout` ones."""
     if source.text.endswith((".npz", ".safetensors")):
         items = _array_batches(source)
     else:
@@ -331,9 +392,9 @@ def load_calibration(
                 tail_rows -= _rows(tail.popleft()[0])
         seen += rows
     if seen < samples + holdout:
+        asked = f"{samples} + {holdout} held out" if samples else f"{holdout} to verify on"
         raise UserError(
-            f"the calibration source has {seen} samples; the spec asks for "
-            f"{samples} + {holdout} held out",
+            f"'{source.text}' has {seen} samples; the spec asks for {asked}",
             source.span,
             help="lower samples or holdout, or provide more data",
         )
@@ -341,12 +402,7 @@ def load_calibration(
     held_output = _try_shapes(model, head + held, source, held[0])
     if held_labels:
         _check_label_range(held_output, held_labels, source)
-    digest = hashlib.sha256()
-    for batch in head + held:
-        for name in sorted(batch):
-            digest.update(name.encode())
-            digest.update(batch[name].contiguous().numpy().tobytes())
-    return CalibrationData(head, held, held_labels, digest.hexdigest())
+    return head, HeldOut(source.text, held, held_labels)
 
 
 def _try_shapes(model: LoadedModel, batches: list[Batch], word: ir.Word, keep: Batch) -> Any:

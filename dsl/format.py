@@ -199,13 +199,16 @@ def render_line(statement: ir.Statement) -> str:
         kind = {"python": None, "hf": "hf", "exported": "exported"}[statement.kind]
         return _words("model", kind, quote(statement.path.text))
     if isinstance(statement, ir.Calibration):
+        sources = statement.sources
         return _words(
             "calibration",
-            quote(statement.source.text),
+            ", ".join(_words(quote(s.path.text), _opt("weight", s.weight)) for s in sources),
             _opt("samples", statement.samples),
             _opt("holdout", statement.holdout),
             _opt("mode", statement.mode),
         )
+    if isinstance(statement, ir.Verify):
+        return _words("verify", quote(statement.source.text), _opt("samples", statement.samples))
     if isinstance(statement, ir.Evaluate):
         return f"evaluate {quote(statement.entry.text)}"
     if isinstance(statement, ir.Target):

@@ -89,13 +89,33 @@ class ModelSource:
 
 
 @dataclass(frozen=True)
-class Calibration:
-    """Where calibration batches come from: a Python entry or an .npz/.safetensors file."""
+class DataSource:
+    """Batches from a Python entry or an .npz/.safetensors file, with its share of a mix."""
 
-    source: Word
+    path: Word
+    weight: Num | None = None  # relative to the other sources' (1 when not given)
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Where calibration batches come from: one source, or several mixed by weight. `samples`
+    and `holdout` count rows of the whole mix; each source gives its share of both, so every
+    source is verified on rows of its own."""
+
+    sources: tuple[DataSource, ...]
     samples: Num | None = None
     holdout: Num | None = None
     mode: Word | None = None  # sequential | parallel
+    span: Span = _span()
+
+
+@dataclass(frozen=True)
+class Verify:
+    """A source verified on and never calibrated on: data from where the model will run."""
+
+    source: Word
+    samples: Num | None = None
     span: Span = _span()
 
 
@@ -344,6 +364,7 @@ Statement = (
     | Include
     | ModelSource
     | Calibration
+    | Verify
     | Evaluate
     | Target
     | Defaults
@@ -374,6 +395,7 @@ class Spec:
     path: str
     model: ModelSource | None
     calibration: Calibration | None
+    verify: tuple[Verify, ...]
     evaluate: Evaluate | None
     targets: tuple[Target, ...]
     rules: tuple[Defaults | LayerRule, ...]

@@ -200,6 +200,7 @@ def _merge(
     layers: list[ir.LayerRule] = []
     ties: list[ir.Tie] = []
     limits: list[ir.Limit] = []
+    verify: list[ir.Verify] = []
     for statement in statements:
         name = SINGLETONS.get(type(statement))
         if name is not None:
@@ -217,6 +218,8 @@ def _merge(
                 singles[name] = statement
         elif isinstance(statement, ir.Target):
             targets.append(statement)
+        elif isinstance(statement, ir.Verify):
+            verify.append(statement)
         elif isinstance(statement, ir.Defaults):
             defaults.append(statement)
         elif isinstance(statement, ir.LayerRule):
@@ -229,6 +232,7 @@ def _merge(
         path=path,
         model=singles.get("model"),  # type: ignore[arg-type]
         calibration=singles.get("calibration"),  # type: ignore[arg-type]
+        verify=tuple(verify),
         evaluate=singles.get("evaluate"),  # type: ignore[arg-type]
         targets=tuple(targets),
         rules=(*defaults, *layers),

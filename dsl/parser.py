@@ -413,9 +413,19 @@ class ToIR:
         return ir.ModelSource(kind, self.string(path), span)
 
     def calibration(self, span: ir.Span, children: list[Any]) -> ir.Calibration:
-        source, *items = children
+        sources = tuple(c for c in children if isinstance(c, ir.DataSource))
+        items = [c for c in children if not isinstance(c, ir.DataSource)]
         opts = self.options(items, ("samples", "holdout", "mode"))
-        return ir.Calibration(self.string(source), **opts, span=span)
+        return ir.Calibration(sources, **opts, span=span)
+
+    def data_source(self, span: ir.Span, children: list[Any]) -> ir.DataSource:
+        path, *weight = children
+        value = self.num(weight[0], whole=False) if weight else None
+        return ir.DataSource(self.string(path), value, span)
+
+    def verify(self, span: ir.Span, children: list[Any]) -> ir.Verify:
+        source, *samples = children
+        return ir.Verify(self.string(source), self.num(samples[0]) if samples else None, span)
 
     def samples(self, span: ir.Span, children: list[Any]) -> _Option[ir.Num]:
         return ("samples", self.num(children[0]), span)

@@ -64,13 +64,24 @@ class Checker:
             )
 
     def calibration(self, calibration: ir.Calibration) -> None:
-        source = calibration.source
-        if not (_is_entry(source.text) or source.text.endswith((".npz", ".safetensors"))):
-            self.error(
-                f"'{source.text}' is not a calibration source",
-                source.span,
-                'a Python entry "file.py:function" or an .npz or .safetensors file',
-            )
+        seen: dict[str, ir.DataSource] = {}
+        for source in calibration.sources:
+            self.data_source(source.path, "calibration source")
+            if source.weight is not None and not source.weight.value > 0:
+                self.error(
+                    "a source's weight must be above 0",
+                    source.weight.span,
+                    help="weights are relative shares of samples and holdout: drop the source "
+                    "instead of weighting it 0",
+                )
+            first = seen.setdefault(source.path.text, source)
+            if first is not source:
+                self.error(
+                    f"'{source.path.text}' is named twice",
+                    source.path.span,
+                    help="give it one weight",
+                    notes=(Note("first named here", first.path.span),),
+                )
         if calibration.samples is not None and calibration.samples.value < 1:
             self.error("samples must be at least 1", calibration.samples.span)
         if calibration.holdout is not None and calibration.holdout.value < 1:
@@ -78,6 +89,35 @@ class Checker:
                 "holdout must be at least 1",
                 calibration.holdout.span,
                 help="verification runs the artifact on the held-out rows: hold out at least one",
+            )
+        for count in (calibration.samples, calibration.holdout):
+            if count is not None and 1 <= count.value < len(calibration.sources):
+                self.error(
+                    f"{count.value} rows cannot be shared by {len(calibration.sources)} sources",
+                    count.span,
+                    help="every source gives at least one row of samples and of holdout",
+                )
+
+    def verify(self, verify: ir.Verify, calibration: ir.Calibration | None) -> None:
+        self.data_source(verify.source, "verification source")
+        if verify.samples is not None and verify.samples.value < 1:
+            self.error("samples must be at least 1", verify.samples.span)
+        named = {s.path.text: s for s in calibration.sources} if calibration else {}
+        if verify.source.text in named:
+            self.error(
+                f"'{verify.source.text}' is also a calibration source",
+                verify.source.span,
+                help="verify on data the build never calibrated on; the calibration sources "
+                "are verified on their own held-out rows already",
+                notes=(Note("calibrated on here", named[verify.source.text].path.span),),
+            )
+
+    def data_source(self, word: ir.Word, what: str) -> None:
+        if not (_is_entry(word.text) or word.text.endswith((".npz", ".safetensors"))):
+            self.error(
+                f"'{word.text}' is not a {what}",
+                word.span,
+                'a Python entry "file.py:function" or an .npz or .safetensors file',
             )
 
     def evaluate(self, evaluate: ir.Evaluate) -> None:
@@ -460,6 +500,8 @@ def check(spec: ir.Spec) -> list[Diagnostic]:
         checker.model(spec.model)
     if spec.calibration:
         checker.calibration(spec.calibration)
+    for verify in spec.verify:
+        checker.verify(verify, spec.calibration)
     if spec.evaluate:
         checker.evaluate(spec.evaluate)
     checker.targets(spec.targets)

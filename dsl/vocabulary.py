@@ -70,6 +70,7 @@ TOP_LEVEL_KEYWORDS = (
     "include",
     "model",
     "calibration",
+    "verify",
     "evaluate",
     "target",
     "defaults",

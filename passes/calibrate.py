@@ -6,6 +6,12 @@ methods need it (`methods.needs_hessian`: GPTQ, search, Wanda, SparseGPT, EoRA, 
 In sequential mode the model is `state.working`, in which earlier blocks are already compressed,
 so block i+1 is calibrated on the inputs it will really see (as GPTQ and SparseGPT do).
 
+Padding is not data: when a batch has an `attention_mask` input ([batch, tokens] of 0 and 1,
+the Hugging Face convention), the positions it masks out are left out of the statistics of
+every Linear (or Embedding) layer whose input is laid out [batch, tokens, ...]. Padded
+positions run through the layers but never reach the output; counting them would fit the
+weights to filler (in a batch padded to its longest passage, often a third of the positions).
+
 With a cache, a layer's statistics are keyed by the model, the data, the layer and what has been
 written into `working` (`state.working_digest`); the model runs only for the layers without an
 entry, and stops as soon as the last of them has seen each batch. An entry with XᵀX also serves
@@ -152,17 +158,21 @@ def run(state: State) -> State:
             x = inputs[0].detach()
             if not (_finite(x) and _finite(output)):
                 raise _NonFinite(name)
-            layer_stats = stats[name]
-            _accumulate(layer_stats, layer, child, x, output.detach().float(), *needs)
+            output = output.detach()
+            if layer.kind in TOKEN_KINDS:
+                x, output = unpadded(x, mask), unpadded(output, mask)
+            _accumulate(stats[name], layer, child, x, output.float(), *needs)
             seen.add(name)
             if len(seen) == len(stats):
                 raise _Done
 
         hooks.append(modules[name].register_forward_hook(hook))
     batches = state.calibration.batches
+    mask: torch.Tensor | None = None
     try:
         with torch.no_grad():
             for index, batch in enumerate(batches):
+                mask = token_mask(batch)
                 seen.clear()
                 _progress(state, index, len(batches))
                 with contextlib.suppress(_Done):
@@ -180,6 +190,28 @@ def run(state: State) -> State:
         for name in scope:
             state.cache.save("stats", missing[name], _entry(stats[name]))
     return state
+
+
+TOKEN_KINDS = ("linear", "hf_conv1d", "embedding")  # layers whose last dimension is features
+
+
+def token_mask(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The batch's real (not padding) token positions, bool [batch, tokens], or None when it
+    has no 0/1 `attention_mask` of that layout."""
+    mask = batch.get("attention_mask")
+    if mask is None or mask.dim() != 2 or mask.is_complex():
+        return None
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        return None
+    return mask.bool()
+
+
+def unpadded(value: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """A [batch, tokens, ...] activation without its padded positions ([real tokens, ...]);
+    any other activation as it is."""
+    if mask is None or value.dim() < 3 or value.shape[:2] != mask.shape or mask.all():
+        return value
+    return value[mask]
 
 
 def _reuse(state: State, scope: list[str]) -> dict[str, str]:

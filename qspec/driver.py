@@ -137,7 +137,7 @@ def _check_top1_floor(prepared: Prepared, fail_under: dict[str, float]) -> None:
         calibration = prepared.spec.calibration
         raise UserError(
             "--fail-under top1 needs labels, and the held-out data has none",
-            calibration.source.span if calibration else None,
+            calibration.span if calibration else None,
             help="add a 'labels' array of class indices to the calibration file",
         )
 
@@ -172,7 +172,7 @@ def prepare(
 ) -> Prepared:
     clock = _Clock(log)
     model = load_model(_model_of(spec))
-    calibration = load_calibration(spec.calibration, model, _model_of(spec).path)
+    calibration = load_calibration(spec.calibration, model, _model_of(spec).path, spec.verify)
     clock.lap("load")
     graph = capture(model, _model_of(spec).path)
     plan = resolve(spec, graph)
@@ -189,7 +189,8 @@ def named_inputs(spec: ir.Spec) -> list[Path]:
     if spec.model is not None:
         words.append(spec.model.path)
     if spec.calibration is not None:
-        words.append(spec.calibration.source)
+        words += [source.path for source in spec.calibration.sources]
+    words += [verify.source for verify in spec.verify]
     for word in words:
         file, colon, _ = word.text.rpartition(":")
         entry = bool(colon) and file.endswith(".py")  # "file.py:function"
@@ -234,6 +235,10 @@ def compile_prepared(
         verified = _verify(graph, calibration, entries, stage, largest)
         # The report's fidelity: the first listed target that could run here.
         fidelity = next((c.fidelity for c in verified.values() if c.fidelity), None)
+        for source, each in fidelity.sources or (("", fidelity),) if fidelity else ():
+            why = each.unresolved()
+            if why:
+                log(f"warning: {source + ': ' if source else ''}{why}")
         for entry in entries:
             entry.update(verified[entry["name"]].record())
         lowered = artifact.module
@@ -451,6 +456,7 @@ def _verify(graph: Graph, calibration, entries: list[dict], stage: Path, batch: 
             artifact_outputs(runner),
             calibration.holdout,
             calibration.holdout_labels,
+            groups=calibration.groups,
         )
         feed = {name: batch[name].numpy() for name in runner.input_names}
         checks[entry["name"]] = done[entry["file"]] = _Check(
@@ -499,7 +505,8 @@ def _manifest(spec, model, calibration, graph, state: State, artifact, targets: 
             "left_float": [{"module": f.module, "reason": f.reason} for f in graph.left_float],
         },
         "calibration": {
-            "source": spec.calibration.source.text if spec.calibration else None,
+            "sources": [s.path.text for s in spec.calibration.sources] if spec.calibration else [],
+            "verify": [v.source.text for v in spec.verify],
             "sha256": calibration.sha256,
             "samples": calibration.samples,
             "holdout": sum(len(next(iter(b.values()))) for b in calibration.holdout),

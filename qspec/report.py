@@ -219,10 +219,10 @@ def _fidelity(targets: list[dict]) -> list[str]:
     metrics = ran[0]["fidelity"] if ran else {}
     for name in metrics:
         values = [t["fidelity"][name] for t in ran]
-        if name != "outputs" and any(v is not None for v in values):
+        if name not in ("outputs", "sources") and any(v is not None for v in values):
             lines.append(f"| {name} | " + " | ".join(str(v) for v in values) + " |")
     for target in ran:
-        lines += _per_output(target)
+        lines += _per_output(target) + _per_source(target)
     for target in targets:
         if not target["verified"]:
             lines.append(
@@ -242,6 +242,24 @@ def _per_output(target: dict) -> list[str]:
     lines += ["| output | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
     for output in outputs:
         lines.append(f"| {output['name']} | " + " | ".join(str(output[k]) for k in metrics) + " |")
+    return lines
+
+
+SOURCE_METRICS = ("samples", "cosine_mean", "cosine_p1", "cosine_min", "snr_db", "top1_agreement")
+
+
+def _per_source(target: dict) -> list[str]:
+    """Held-out rows from several sources (calibration sources, `verify` sources): each
+    one's scores, as each is where some users will run the model."""
+    sources = target["fidelity"].get("sources")
+    if not sources:
+        return []
+    metrics = [k for k in SOURCE_METRICS if any(s.get(k) is not None for s in sources)]
+    lines = ["", f"Per source, {target['name']} (above: the worst of each):", ""]
+    lines += ["| source | " + " | ".join(metrics) + " |", "|---|" + "---|" * len(metrics)]
+    for source in sources:
+        values = (str(source.get(k)) for k in metrics)
+        lines.append(f"| {source['source']} | " + " | ".join(values) + " |")
     return lines
 
 

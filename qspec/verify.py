@@ -1,11 +1,12 @@
 """Fidelity of an artifact to the float model, measured on held-out batches.
 
 End to end: each of the artifact's own runtime outputs against the float PyTorch output in
-the same place (cosine per sample, SNR, max error; exact agreement for integer and bool
-outputs; one cosine over the held-out column where each sample, or batch, has one value), the
-headline the worst output's; top-1 agreement and accuracy on the first output when labels
-exist. Per layer: each lowered layer fed the float model's input to that layer, against the
-float layer's output.
+the same place (cosine per sample: mean, minimum, 1st percentile and the mean's standard
+error; SNR, max error; exact agreement for integer and bool outputs; one cosine over the
+held-out column where each sample, or batch, has one value), the headline the worst output's
+and, where the held-out rows come from several sources, the worst source's; top-1 agreement and
+accuracy on the first output when labels exist. Per layer: each lowered layer fed the float
+model's input to that layer, against the float layer's output.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class Fidelity:
     samples: int
     cosine_mean: float
     cosine_min: float
+    cosine_p1: float  # the 1st percentile of the per-sample cosines
+    cosine_sem: float  # the standard error of cosine_mean
     snr_db: float
     max_abs_error: float
     top1_agreement: float | None = None
@@ -44,19 +47,38 @@ class Fidelity:
     accuracy_artifact: float | None = None
     # (name, fidelity) of each output when the model has more than one
     outputs: tuple[tuple[str, Fidelity], ...] = ()
+    # (source, fidelity) of each source of held-out rows when there are several
+    sources: tuple[tuple[str, Fidelity], ...] = ()
 
     def as_dict(self) -> dict:
-        """The scores, and `outputs` only for a model with several (single-output reports
-        stay as they were)."""
+        """The scores, `outputs` only for a model with several and `sources` only for
+        held-out rows from several sources (other reports stay as they were)."""
+        nested = ("outputs", "sources")
         found: dict = {
-            f.name: _round(getattr(self, f.name)) for f in fields(self) if f.name != "outputs"
+            f.name: _round(getattr(self, f.name)) for f in fields(self) if f.name not in nested
         }
         if self.outputs:
             found["outputs"] = [
                 {"name": name} | {k: _round(getattr(each, k)) for k in _PER_OUTPUT}
                 for name, each in self.outputs
             ]
+        if self.sources:
+            found["sources"] = [{"source": name} | each.as_dict() for name, each in self.sources]
         return found
+
+    def unresolved(self) -> str | None:
+        """Why these samples cannot tell the build from its float model, if they cannot: the
+        95% interval of the mean cosine is wider than half its distance from 1."""
+        distance = 1 - self.cosine_mean
+        if not (math.isfinite(distance) and math.isfinite(self.cosine_sem)) or distance <= 0:
+            return None
+        if 1.96 * self.cosine_sem <= distance / 2:
+            return None
+        wanted = math.ceil(self.samples * (2 * 1.96 * self.cosine_sem / distance) ** 2)
+        return (
+            f"{self.samples} held-out samples measure the mean cosine {self.cosine_mean:.4f} "
+            f"only to +-{1.96 * self.cosine_sem:.4f}: hold out about {wanted} to resolve it"
+        )
 
     def worst_output(self) -> str | None:
         """The output with the lowest mean cosine (NaN lowest), to name it; None for one."""
@@ -68,7 +90,7 @@ class Fidelity:
         return self.outputs[cosines.index(min(cosines))][0]
 
 
-_PER_OUTPUT = ("cosine_mean", "cosine_min", "snr_db", "max_abs_error")
+_PER_OUTPUT = ("cosine_mean", "cosine_min", "cosine_p1", "snr_db", "max_abs_error")
 
 
 def _round(value):
@@ -128,10 +150,13 @@ def compare(
         top1 = float((ref_class == out_class).mean()) if finite else nan
         acc_float = float((ref_class == truth).mean()) if np.isfinite(ref).all() else nan
         acc_art = float((out_class == truth).mean()) if finite else nan
+    sem = float(cosine.std(ddof=1) / math.sqrt(len(cosine))) if len(cosine) > 1 else math.inf
     return Fidelity(
         samples=len(ref),
         cosine_mean=float(cosine.mean()),
         cosine_min=float(cosine.min()),
+        cosine_p1=float(np.percentile(cosine, 1)),
+        cosine_sem=sem,
         snr_db=float(snr),
         max_abs_error=float(np.abs(ref - out).max()) if finite else float("nan"),
         top1_agreement=top1,
@@ -166,16 +191,25 @@ def compare_outputs(
     ]
     if len(each) == 1:
         return each[0]
-    return Fidelity(
+    return replace(worst_of(each), outputs=tuple(zip(names, each, strict=True)))
+
+
+def worst_of(each: Sequence[Fidelity]) -> Fidelity:
+    """One headline for several outputs or sources: the lowest cosines and SNR, the largest
+    error and the lowest top-1 agreement (NaN if any is NaN), so that no --fail-under floor
+    passes while one is bad; accuracy and the standard error are the first's."""
+    return replace(
+        each[0],
+        outputs=(),
         samples=max(f.samples for f in each),  # a 0-d output has one row per batch
         cosine_mean=_worst([f.cosine_mean for f in each], min),
         cosine_min=_worst([f.cosine_min for f in each], min),
+        cosine_p1=_worst([f.cosine_p1 for f in each], min),
         snr_db=_worst([f.snr_db for f in each], min),
         max_abs_error=_worst([f.max_abs_error for f in each], max),
-        top1_agreement=each[0].top1_agreement,
-        accuracy_float=each[0].accuracy_float,
-        accuracy_artifact=each[0].accuracy_artifact,
-        outputs=tuple(zip(names, each, strict=True)),
+        top1_agreement=min(
+            (f.top1_agreement for f in each if f.top1_agreement is not None), default=None
+        ),
     )
 
 
@@ -198,11 +232,13 @@ def end_to_end(
     holdout: Sequence[Batch],
     labels: Sequence[torch.Tensor] | None,
     what: str = "the artifact",
+    groups: Sequence[tuple[str, int]] = (),
 ) -> Fidelity:
     """The artifact against the float model on the held-out batches, every output. Non-finite
     outputs on finite data fail the build: the float model's, naming where it first
     overflows; the artifact's, with how many samples. Samples are the held-out rows, also
-    where an output is 0-d (one value per batch)."""
+    where an output is 0-d (one value per batch). `groups` (source, batches) in order: with
+    several, each source is scored alone and the headline is the worst source's."""
     names, reference = reference_outputs(module, holdout)
     for index, outputs in enumerate(reference):
         if not all(np.isfinite(output).all() for output in outputs):
@@ -221,7 +257,18 @@ def end_to_end(
             f"{sum(rows)} held-out samples (the float model's are finite)"
         )
     truth = [t.numpy() for t in labels] if labels else None
-    return replace(compare_outputs(names, reference, candidate, truth), samples=sum(rows))
+    if len(groups) < 2:
+        return replace(compare_outputs(names, reference, candidate, truth), samples=sum(rows))
+    each, start = [], 0
+    for source, count in groups:
+        window = slice(start, start + count)
+        scored = compare_outputs(
+            names, reference[window], candidate[window], truth[window] if truth else None
+        )
+        each.append((source, replace(scored, samples=sum(rows[window]))))
+        start += count
+    headline = worst_of([fidelity for _, fidelity in each])
+    return replace(headline, samples=sum(rows), sources=tuple(each))
 
 
 def _bad_samples(outputs: Sequence[np.ndarray], rows: int) -> int:

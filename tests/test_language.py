@@ -42,9 +42,27 @@ def test_calibration_and_evaluate():
     spec = spec_of(
         'calibration "data.npz" samples 64 holdout 8 mode sequential\nevaluate "m.py:score"'
     )
-    assert spec.calibration == ir.Calibration(W("data.npz"), N(64), N(8), W("sequential"))
+    source = ir.DataSource(W("data.npz"))
+    assert spec.calibration == ir.Calibration((source,), N(64), N(8), W("sequential"))
     assert spec.evaluate == ir.Evaluate(W("m.py:score"))
-    assert spec_of('calibration "m.py:batches"').calibration == ir.Calibration(W("m.py:batches"))
+    one = ir.Calibration((ir.DataSource(W("m.py:batches")),))
+    assert spec_of('calibration "m.py:batches"').calibration == one
+
+
+def test_calibration_mix_and_verify_sources():
+    spec = spec_of(
+        'calibration "d.py:wiki" weight 3, "d.py:code", "c.npz" weight 0.5 samples 90\n'
+        'verify "d.py:news" samples 40\nverify "other.npz"'
+    )
+    assert spec.calibration == ir.Calibration(
+        (
+            ir.DataSource(W("d.py:wiki"), N(3)),
+            ir.DataSource(W("d.py:code")),
+            ir.DataSource(W("c.npz"), N(0.5)),
+        ),
+        N(90),
+    )
+    assert spec.verify == (ir.Verify(W("d.py:news"), N(40)), ir.Verify(W("other.npz")))
 
 
 def test_targets():

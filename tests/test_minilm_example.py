@@ -47,3 +47,18 @@ def test_first_batch_gives_unit_embeddings(example: ModuleType) -> None:
         out = model(**batch)
     assert out.shape == (8, 384)
     torch.testing.assert_close(out.norm(dim=1), torch.ones(8), atol=1e-5, rtol=0)
+
+
+DOMAINS = ("wiki", "web", "code", "technical", "multilingual", "stories")
+
+
+def test_each_text_domain_gives_fixed_batches_apart_from_its_held_out_rows(example) -> None:
+    text = example._text_module()
+    for domain in DOMAINS:
+        passages = text.passages(domain)
+        assert len(passages) == 512 and passages == text.passages(domain)
+        assert all(8 <= len(p.split()) <= 96 for p in passages)
+        # calibration takes a source's first rows, verification its last: different text
+        assert not set(passages[:128]) & set(passages[-64:])
+        batch = next(getattr(example, domain)())
+        assert batch["input_ids"].shape[0] == 8 and batch["input_ids"].shape[1] <= 128

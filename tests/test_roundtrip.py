@@ -79,7 +79,8 @@ regex_text = st.text(_regex_chars, max_size=24).filter(_closes)
 # Free-form NAMEs (target alias, arch, mcpu, budget target). Keywords of the language are
 # included on purpose: in these positions only a NAME is acceptable.
 KEYWORDS = [
-    *("qspec", "include", "model", "calibration", "evaluate", "target", "defaults", "layer"),
+    *("qspec", "include", "model", "calibration", "verify", "evaluate", "target", "defaults"),
+    "layer",
     *("tie", "budget", "allocate", "weight", "activation", "sparsity", "compensate", "keep"),
     *("choose", "device", "as", "on", "by", "rank", "none", "re"),
 ]
@@ -199,12 +200,15 @@ statement = st.one_of(
     st.builds(ir.ModelSource, st.sampled_from(["python", "hf", "exported"]), string_word),
     st.builds(
         ir.Calibration,
-        source=string_word,
+        sources=st.lists(
+            st.builds(ir.DataSource, string_word, optional(fraction_num)), min_size=1, max_size=3
+        ).map(tuple),
         samples=optional(whole_num),
         holdout=optional(whole_num),
         mode=optional(words(vocabulary.CALIBRATION_MODE)),
     ),
     string_word.map(ir.Evaluate),
+    st.builds(ir.Verify, string_word, optional(whole_num)),
     st.builds(
         ir.Target,
         backend=words(vocabulary.BACKEND),
@@ -352,7 +356,11 @@ def _setting_doc(setting: ir.Setting) -> ir.Document:
 WHOLE_SLOTS = {
     "version": lambda n: ir.Document(PATH, (ir.Version(ir.Num(n)),)),
     "samples": lambda n: ir.Document(
-        PATH, (ir.Version(ir.Num(1)), ir.Calibration(ir.Word("c.npz"), samples=ir.Num(n)))
+        PATH,
+        (
+            ir.Version(ir.Num(1)),
+            ir.Calibration((ir.DataSource(ir.Word("c.npz")),), samples=ir.Num(n)),
+        ),
     ),
     "opset": lambda n: ir.Document(
         PATH, (ir.Version(ir.Num(1)), ir.Target(ir.Word("onnx"), opset=ir.Num(n)))

