@@ -1,7 +1,7 @@
 """EfficientNet-Lite0 (examples/efficientnet_lite0): qspec's W8A8 and weight-only artifacts
 against ONNX Runtime's static quantizer, on the same photographs.
 
-Run: .venv/bin/python bench/cnn.py [--runs 10] [--rounds 5]
+Run: .venv/bin/python bench/cnn.py [--runs 10] [--rounds 5] [--reuse]
 Writes bench/results/cnn.md. Everything is measured in this one run:
 - size: the artifact file;
 - fidelity on the 192 held-out crops (photographs never used for calibration), against the
@@ -61,8 +61,9 @@ def fp32_export(module: torch.nn.Module, example: dict, path: Path) -> None:
         )  # fmt: skip
 
 
-def qspec_builds() -> dict[str, Path]:
-    """Compile the example's specs and one W8A8 spec per calibration method."""
+def qspec_builds(build: bool = True) -> dict[str, Path]:
+    """Compile the example's specs and one W8A8 spec per calibration method (with `build`
+    false, the artifacts an earlier run compiled)."""
     specs = {
         "qspec int8 weight-only": EXAMPLE / "int8.qspec",
         "qspec int4 weight-only": EXAMPLE / "int4.qspec",
@@ -76,12 +77,13 @@ def qspec_builds() -> dict[str, Path]:
     for label, spec in specs.items():
         out = BUILD / spec.stem
         command = [sys.executable, "-m", "qspec", "compile", str(spec), "-o", str(out)]
-        subprocess.run([*command, "--progress=never", "--no-cache"], check=True)
+        if build:
+            subprocess.run([*command, "--progress=never", "--no-cache"], check=True)
         built[label] = out / "model.onnx"
     return built
 
 
-def ort_static(fp32: Path, calibration: np.ndarray) -> dict[str, Path]:
+def ort_static(fp32: Path, calibration: np.ndarray, build: bool = True) -> dict[str, Path]:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -100,7 +102,8 @@ def ort_static(fp32: Path, calibration: np.ndarray) -> dict[str, Path]:
             return None if batch is None else {"inputs": batch}
 
     prepared = BUILD / "fp32-prepared.onnx"
-    quant_pre_process(str(fp32), str(prepared))
+    if build:
+        quant_pre_process(str(fp32), str(prepared))
     built = {}
     for method in (
         CalibrationMethod.MinMax,
@@ -108,12 +111,14 @@ def ort_static(fp32: Path, calibration: np.ndarray) -> dict[str, Path]:
         CalibrationMethod.Percentile,
     ):
         out = BUILD / f"ort-static-{method.name.lower()}.onnx"
+        built[f"ORT quantize_static ({method.name})"] = out
+        if not build:
+            continue
         quantize_static(
             str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
             calibrate_method=method,
         )  # fmt: skip
-        built[f"ORT quantize_static ({method.name})"] = out
     return built
 
 
@@ -155,6 +160,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=10, help="runs per round")
     parser.add_argument("--rounds", type=int, default=5, help="turns each artifact takes")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="measure the artifacts an earlier run built in bench/build/cnn (to time them again "
+        "on a quiet machine) instead of building them",
+    )
     args = parser.parse_args()
     BUILD.mkdir(parents=True, exist_ok=True)
     module, example = load()
@@ -164,8 +175,13 @@ def main() -> None:
         reference = torch.cat([module(inputs=torch.from_numpy(b)) for b in np.split(holdout, 24)])
     reference_np = reference.numpy()
     fp32 = BUILD / "fp32.onnx"
-    fp32_export(module, example, fp32)
-    rows = {"FP32 ONNX export": fp32, **qspec_builds(), **ort_static(fp32, calibration)}
+    if not args.reuse:
+        fp32_export(module, example, fp32)
+    built = {**qspec_builds(not args.reuse), **ort_static(fp32, calibration, not args.reuse)}
+    rows = {"FP32 ONNX export": fp32, **built}
+    missing = [str(path) for path in rows.values() if not path.is_file()]
+    if missing:
+        raise SystemExit(f"--reuse: not built yet: {', '.join(missing)}")
 
     sessions = {label: session(path) for label, path in rows.items()}
     ms = interleaved_latency(sessions, holdout, args.runs, args.rounds)
@@ -195,7 +211,8 @@ def main() -> None:
         [
             "# EfficientNet-Lite0: qspec against ONNX Runtime's static quantizer",
             "",
-            f"Command: `.venv/bin/python bench/cnn.py --runs {args.runs} --rounds {args.rounds}`. "
+            f"Command: `.venv/bin/python bench/cnn.py --runs {args.runs} --rounds {args.rounds}"
+            f"{' --reuse' if args.reuse else ''}`. "
             "Model: the pretrained EfficientNet-Lite0 of examples/efficientnet_lite0 "
             "(49 BatchNorms, ReLU6, depthwise convolutions). "
             f"Calibration: {CALIBRATION} crops of {len(CALIBRATION_PHOTOS)} "
