@@ -202,7 +202,7 @@ def test_explain_lists_layers_and_rule_matches(tmp_path: Path):
         (
             "",
             TINY_MODEL.replace("range(8)", "range(2)"),
-            "the calibration source has 16 samples; the spec asks for 32 + 16 held out",
+            "'model.py:batches' has 16 samples; the spec asks for 32 + 16 held out",
         ),
         (
             'layer "embed" {\n  activation int8\n}\n',
