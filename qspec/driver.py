@@ -235,10 +235,8 @@ def compile_prepared(
         verified = _verify(graph, calibration, entries, stage, largest)
         # The report's fidelity: the first listed target that could run here.
         fidelity = next((c.fidelity for c in verified.values() if c.fidelity), None)
-        for source, each in fidelity.sources or (("", fidelity),) if fidelity else ():
-            why = each.unresolved()
-            if why:
-                log(f"warning: {source + ': ' if source else ''}{why}")
+        for why in fidelity.unresolved_sources() if fidelity else ():
+            log(f"warning: {why}")
         for entry in entries:
             entry.update(verified[entry["name"]].record())
         lowered = artifact.module

@@ -80,6 +80,12 @@ class Fidelity:
             f"only to +-{1.96 * self.cosine_sem:.4f}: hold out about {wanted} to resolve it"
         )
 
+    def unresolved_sources(self) -> list[str]:
+        """`unresolved` of each held-out source (of the whole, with one), named."""
+        named = self.sources or (("", self),)
+        found = [(source, fidelity.unresolved()) for source, fidelity in named]
+        return [f"{source + ': ' if source else ''}{why}" for source, why in found if why]
+
     def worst_output(self) -> str | None:
         """The output with the lowest mean cosine (NaN lowest), to name it; None for one."""
         if not self.outputs:
@@ -198,6 +204,7 @@ def worst_of(each: Sequence[Fidelity]) -> Fidelity:
     """One headline for several outputs or sources: the lowest cosines and SNR, the largest
     error and the lowest top-1 agreement (NaN if any is NaN), so that no --fail-under floor
     passes while one is bad; accuracy and the standard error are the first's."""
+    top1 = [f.top1_agreement for f in each if f.top1_agreement is not None]
     return replace(
         each[0],
         outputs=(),
@@ -207,9 +214,7 @@ def worst_of(each: Sequence[Fidelity]) -> Fidelity:
         cosine_p1=_worst([f.cosine_p1 for f in each], min),
         snr_db=_worst([f.snr_db for f in each], min),
         max_abs_error=_worst([f.max_abs_error for f in each], max),
-        top1_agreement=min(
-            (f.top1_agreement for f in each if f.top1_agreement is not None), default=None
-        ),
+        top1_agreement=_worst(top1, min) if top1 else None,
     )
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from types import ModuleType
 
 # The calibration entry of the token-id models below (and of tests' own models): 64 rows.
 TOKEN_BATCHES = """
@@ -50,3 +53,14 @@ def write_project(folder: Path, model: str, body: str, name: str = "tiny.qspec")
     spec = folder / name
     spec.write_text(HEADER + body)
     return spec
+
+
+def module_from_file(path: Path, name: str) -> ModuleType:
+    """The Python file at `path` imported as module `name` (registered in sys.modules, which
+    dataclasses and pickling look up)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from projects import TINY_MODEL
+from projects import TINY_MODEL, module_from_file
 
 import qspec
 from qspec.cli import main
@@ -219,17 +219,6 @@ def test_padded_positions_are_left_out_of_the_statistics(tmp_path: Path):
     np.testing.assert_allclose(stats.xtx, (x.T @ x).numpy(), rtol=1e-9)
 
 
-def _unpack_module():
-    import importlib.util
-
-    path = Path(__file__).parents[1] / "examples" / "data" / "unpack.py"
-    spec = importlib.util.spec_from_file_location("qspec_example_unpack", path)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_unpacking_the_text_wheel_writes_only_its_six_files(tmp_path: Path):
     import zipfile
 
@@ -240,7 +229,8 @@ def test_unpacking_the_text_wheel_writes_only_its_six_files(tmp_path: Path):
             archive.writestr(f"{folder}/{name}.utf8", f"{name} text")
         archive.writestr(f"{folder}/../../../../escape.utf8", "outside")
         archive.writestr("exllamav2/other.utf8", "elsewhere")
-    unpack = _unpack_module().unpack
+    path = Path(__file__).parents[1] / "examples" / "data" / "unpack.py"
+    unpack = module_from_file(path, "qspec_example_unpack").unpack
     written = unpack(wheel, tmp_path / "data")
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == sorted(p.name for p in written)
     assert len(written) == 6 and (tmp_path / "data" / "wiki.utf8").read_text() == "wiki text"

